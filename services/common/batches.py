@@ -1,0 +1,132 @@
+"""Packed sample batches: what the coordinator sends the trainer, and how the trainer checks it.
+
+A micro-batch lays its sequences end to end (prompt + response each); per-token tensors are
+aligned with the flat token row. `loss_mask` is 1 on response tokens, whose predecessor is always
+in the same sequence, so no loss term ever reads across a sequence boundary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rlgrid.v1 import common_pb2 as pb
+from services.common.packing import best_fit_decreasing, cu_seqlens_for, fixed_size_batches
+from services.common.tensors import from_wire, to_wire
+
+# Upper bound on tokens in one micro-batch accepted from the wire (1M tokens); larger is a bug.
+MAX_TOKENS_PER_BATCH = 1 << 20
+
+
+@dataclass
+class TrainSequence:
+    """One sample as the trainer needs it."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    advantage: float
+    version: int
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor      # int64 [T]
+    seq_lens: list[int]
+    loss_mask: torch.Tensor      # bool [T]
+    old_logprobs: torch.Tensor   # float32 [T]
+    advantages: torch.Tensor     # float32 [T]
+    versions: torch.Tensor       # int64 [S]
+    num_global_tokens: int
+    temperature: float = 1.0
+    padded: bool = False
+    step: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def make_micro_batch(seqs: Sequence[TrainSequence], *, num_global_tokens: int, temperature: float,
+                     padded: bool = False, step: int = 0) -> MicroBatch:
+    ids, mask, old, adv = [], [], [], []
+    for s in seqs:
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        ids += s.prompt_ids + s.response_ids
+        mask += [False] * p + [True] * r
+        old += [0.0] * p + list(s.response_logprobs)
+        adv += [0.0] * p + [s.advantage] * r
+    return MicroBatch(input_ids=torch.tensor(ids, dtype=torch.int64), seq_lens=[s.length for s in seqs],
+                      loss_mask=torch.tensor(mask, dtype=torch.bool), old_logprobs=torch.tensor(old, dtype=torch.float32),
+                      advantages=torch.tensor(adv, dtype=torch.float32),
+                      versions=torch.tensor([s.version for s in seqs], dtype=torch.int64),
+                      num_global_tokens=num_global_tokens, temperature=temperature, padded=padded, step=step)
+
+
+def split_into_micro_batches(seqs: Sequence[TrainSequence], *, packing: bool, max_token_in_packing: int,
+                             micro_batch_size: int, temperature: float, step: int = 0) -> list[MicroBatch]:
+    """Packing on: best-fit-decreasing rows of at most max_token_in_packing tokens.
+    Packing off: runtime_args.train_micro_batch_size sequences per (padded) micro-batch."""
+    num_global = sum(len(s.response_ids) for s in seqs)
+    if packing:
+        groups = best_fit_decreasing([s.length for s in seqs], max_token_in_packing)
+    else:
+        groups = fixed_size_batches(len(seqs), micro_batch_size)
+    return [make_micro_batch([seqs[i] for i in g], num_global_tokens=num_global, temperature=temperature,
+                             padded=not packing, step=step) for g in groups]
+
+
+def to_proto(mb: MicroBatch) -> pb.PackedBatch:
+    return pb.PackedBatch(
+        input_ids=to_wire(mb.input_ids.to(torch.int32)), cu_seqlens=to_wire(cu_seqlens_for(mb.seq_lens)),
+        loss_mask=to_wire(mb.loss_mask.to(torch.uint8)), old_logprobs=to_wire(mb.old_logprobs),
+        advantages=to_wire(mb.advantages), versions=to_wire(mb.versions), num_global_tokens=mb.num_global_tokens,
+        temperature=mb.temperature, padded=mb.padded, step=mb.step)
+
+
+def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_training: bool = True) -> MicroBatch:
+    """Decodes and validates a PackedBatch; raises ValueError naming the offending field."""
+    ids = from_wire(msg.input_ids, "input_ids", dtype=torch.int32, ndim=1).long()
+    t = ids.numel()
+    if t == 0:
+        raise ValueError("input_ids is empty")
+    if t > MAX_TOKENS_PER_BATCH:
+        raise ValueError(f"input_ids has {t} tokens, more than {MAX_TOKENS_PER_BATCH} per micro-batch; "
+                         f"lower models.policy_trainer.max_token_in_packing")
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"input_ids has token ids outside [0, {vocab_size})")
+    cu = from_wire(msg.cu_seqlens, "cu_seqlens", dtype=torch.int32, ndim=1).long()
+    if cu.numel() < 2 or cu[0] != 0 or cu[-1] != t or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to len(input_ids)={t}, got {cu.tolist()[:8]}")
+    seq_lens = (cu[1:] - cu[:-1]).tolist()
+    if not math.isfinite(msg.temperature) or msg.temperature < 0:
+        raise ValueError(f"temperature must be a positive number (0 means 1.0), got {msg.temperature}")
+    if not for_training:
+        zeros = torch.zeros(t)
+        return MicroBatch(ids, seq_lens, zeros.bool(), zeros, zeros, torch.zeros(len(seq_lens), dtype=torch.int64),
+                          1, msg.temperature or 1.0, msg.padded, msg.step)
+    per_token = {}
+    for field, dtype in (("loss_mask", torch.uint8), ("old_logprobs", torch.float32), ("advantages", torch.float32)):
+        tensor = from_wire(getattr(msg, field), field, dtype=dtype, ndim=1)
+        if tensor.numel() != t:
+            raise ValueError(f"{field} has {tensor.numel()} entries, input_ids has {t}")
+        per_token[field] = tensor
+    if not bool(torch.isfinite(per_token["old_logprobs"]).all() and torch.isfinite(per_token["advantages"]).all()):
+        raise ValueError("old_logprobs and advantages must be finite")
+    versions = from_wire(msg.versions, "versions", dtype=torch.int64, ndim=1)
+    if versions.numel() != len(seq_lens):
+        raise ValueError(f"versions has {versions.numel()} entries, cu_seqlens describes {len(seq_lens)} sequences")
+    mask = per_token["loss_mask"].bool()
+    starts = cu[:-1]
+    if bool(mask[starts].any()):
+        raise ValueError("loss_mask is set on the first token of a sequence, which has no prediction")
+    if msg.num_global_tokens < int(mask.sum()) or msg.num_global_tokens <= 0:
+        raise ValueError(f"num_global_tokens={msg.num_global_tokens} is smaller than this batch's "
+                         f"{int(mask.sum())} loss tokens")
+    return MicroBatch(ids, seq_lens, mask, per_token["old_logprobs"], per_token["advantages"], versions,
+                      int(msg.num_global_tokens), msg.temperature or 1.0, msg.padded, msg.step)

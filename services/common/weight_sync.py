@@ -1,0 +1,206 @@
+"""Weight sync: one interface, moving a versioned set of named tensors trainer -> rollout.
+
+Control plane (gRPC, in the services): the coordinator hands every member a WeightSyncPlan (group
+id, rendezvous, ranks, parameter specs, bucket size); the trainer's SendWeights and every
+replica's ReceiveWeights run concurrently; replicas stage what they receive and make it the
+serving version only on CommitWeights, so a replica serves the old or the new version, never a mix.
+
+Data plane (here): a `WeightTransport` chosen by `plan.transport`. The only one today is
+"broadcast": a torch.distributed process group (NCCL on GPU, gloo on CPU) made directly on a
+TCPStore the coordinator hosts, separate from the trainer's own FSDP group, joining the sender
+(rank 0) and every replica. Tensors travel in flat byte buckets of `plan.bucket_bytes`, double
+buffered so packing bucket i+1 overlaps the transfer of bucket i.
+
+Later transports register in TRANSPORTS without touching callers: callers only ever call
+`connect(plan, device)`, then `send(named_tensors)` on the sender or iterate `receive()` on a
+receiver. CUDA IPC for colocated rollout/trainer fits behind the same pair (handles instead of
+bytes), and several trainer ranks sending their own shards fits as a transport whose sender side
+is entered by every trainer rank (`send` is called on all of them; each pushes what it owns).
+"""
+from __future__ import annotations
+
+import abc
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from rlgrid.v1 import common_pb2 as pb
+from services.common.tensors import torch_dtype, wire_dtype
+
+_ALIGN = 64  # byte offset alignment inside a bucket, so any dtype view of a slice is aligned
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def specs_to_wire(params: Iterable[ParamMeta]) -> list[pb.ParamSpec]:
+    return [pb.ParamSpec(name=p.name, dtype=wire_dtype(p.dtype), shape=list(p.shape)) for p in params]
+
+
+def specs_from_wire(specs: Iterable[pb.ParamSpec]) -> list[ParamMeta]:
+    return [ParamMeta(s.name, torch_dtype(s.dtype), tuple(s.shape)) for s in specs]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Parameters laid out in one flat byte buffer: (param index, byte offset) pairs."""
+    entries: tuple[tuple[int, int], ...]
+    nbytes: int
+
+
+def plan_buckets(params: list[ParamMeta], bucket_bytes: int) -> list[Bucket]:
+    """Greedy, in parameter order; a parameter larger than bucket_bytes gets a bucket of its own.
+
+    Sender and receivers compute the same layout from the same plan, so only bytes travel.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive (runtime_args.weight_sync_bucket_mb), got {bucket_bytes}")
+    buckets, entries, offset = [], [], 0
+    for i, p in enumerate(params):
+        start = -(-offset // _ALIGN) * _ALIGN
+        if entries and start + p.nbytes > bucket_bytes:
+            buckets.append(Bucket(tuple(entries), offset))
+            entries, start = [], 0
+        entries.append((i, start))
+        offset = start + p.nbytes
+    if entries:
+        buckets.append(Bucket(tuple(entries), offset))
+    return buckets
+
+
+class WeightTransport(abc.ABC):
+    """One member's end of a weight-sync group."""
+
+    def __init__(self, plan: pb.WeightSyncPlan, device: torch.device):
+        self.plan = plan
+        self.device = device
+        self.params = specs_from_wire(plan.params)
+        self.rank = plan.rank
+
+    @abc.abstractmethod
+    def send(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Sender: pushes the named tensors, in plan order, to every receiver. Returns bytes sent."""
+
+    @abc.abstractmethod
+    def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Receiver: yields (name, tensor) in plan order. A yielded tensor is valid only until the
+        next item is requested: copy it out (into staging) before continuing."""
+
+    def close(self) -> None:
+        """Releases the group's resources."""
+
+
+class BroadcastTransport(WeightTransport):
+    """torch.distributed broadcast from rank 0 over a group built directly on the coordinator's TCPStore."""
+
+    def __init__(self, plan: pb.WeightSyncPlan, device: torch.device):
+        super().__init__(plan, device)
+        timeout = datetime.timedelta(seconds=plan.timeout_s or 300)
+        store = dist.TCPStore(plan.rendezvous_host, plan.rendezvous_port, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(plan.group_id, store)
+        if plan.backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(store, plan.rank, plan.world_size, dist.ProcessGroupNCCL.Options())
+        elif plan.backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(store, plan.rank, plan.world_size, timeout)
+        else:
+            raise ValueError(f"weight sync backend must be 'nccl' or 'gloo', got {plan.backend!r}")
+        self.buffer_device = device if plan.backend == "nccl" else torch.device("cpu")
+        self.buckets = plan_buckets(self.params, plan.bucket_bytes)
+        largest = max((b.nbytes for b in self.buckets), default=0)
+        self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.buffer_device) for _ in range(2)]
+        # The first collective also completes NCCL's lazy communicator setup on every rank.
+        self._broadcast(torch.zeros(1, dtype=torch.uint8, device=self.buffer_device)).wait()
+
+    def _broadcast(self, buf: torch.Tensor):
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        return self.pg.broadcast([buf], opts)
+
+    def send(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        it = iter(tensors)
+        pending: list = [None, None]
+        sent = 0
+        for b, bucket in enumerate(self.buckets):
+            slot = b % 2
+            if pending[slot] is not None:
+                pending[slot].wait()
+            buf = self._buffers[slot][: bucket.nbytes]
+            for idx, offset in bucket.entries:
+                meta = self.params[idx]
+                name, tensor = next(it, (None, None))
+                if tensor is None:
+                    raise ValueError(f"weight sync: the sender ran out of tensors before {meta.name}")
+                if name != meta.name or tuple(tensor.shape) != meta.shape:
+                    raise ValueError(f"weight sync: expected {meta.name} {list(meta.shape)}, got {name} "
+                                     f"{list(tensor.shape)}; sender and plan disagree")
+                flat = tensor.detach().to(device=self.buffer_device, dtype=meta.dtype).contiguous().view(-1)
+                buf[offset: offset + meta.nbytes].copy_(flat.view(torch.uint8))
+            pending[slot] = self._broadcast(buf)
+            sent += bucket.nbytes
+        for work in pending:
+            if work is not None:
+                work.wait()
+        if self.buffer_device.type == "cuda":
+            torch.cuda.synchronize(self.buffer_device)
+        return sent
+
+    def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if not self.buckets:
+            return
+        pending = self._broadcast(self._buffers[0][: self.buckets[0].nbytes])
+        for b, bucket in enumerate(self.buckets):
+            pending.wait()
+            buf = self._buffers[b % 2][: bucket.nbytes]
+            if b + 1 < len(self.buckets):  # the next transfer overlaps unpacking this one
+                pending = self._broadcast(self._buffers[(b + 1) % 2][: self.buckets[b + 1].nbytes])
+            elif self.buffer_device.type == "cuda":
+                torch.cuda.synchronize(self.buffer_device)
+            for idx, offset in bucket.entries:
+                meta = self.params[idx]
+                yield meta.name, buf[offset: offset + meta.nbytes].view(meta.dtype).view(meta.shape)
+
+    def close(self) -> None:
+        if hasattr(self.pg, "shutdown"):
+            try:
+                self.pg.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on a group being torn down
+                pass
+
+
+TRANSPORTS: dict[str, type[WeightTransport]] = {"broadcast": BroadcastTransport}
+
+
+def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
+    """Joins the group described by `plan` (blocks until every member joined)."""
+    try:
+        cls = TRANSPORTS[plan.transport or "broadcast"]
+    except KeyError:
+        raise ValueError(f"unknown weight-sync transport {plan.transport!r}; known: {sorted(TRANSPORTS)}") from None
+    return cls(plan, device)
+
+
+class Rendezvous:
+    """The coordinator's TCPStore that weight-sync groups rendezvous on (one per coordinator)."""
+
+    def __init__(self, advertise_host: str, bind_host: str = "0.0.0.0"):
+        self.store = dist.TCPStore(bind_host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=300))
+        self.host, self.port = advertise_host, self.store.port
+
+    def new_group_id(self) -> str:
+        return f"ws-{time.time_ns()}"

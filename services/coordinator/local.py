@@ -1,0 +1,73 @@
+"""Service processes on this machine: the demo, the integration tests and the GPU benchmarks start
+the coordinator, trainers and rollout replicas through this one helper."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from services.common.rpc import wait_healthy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    address: str
+    popen: subprocess.Popen
+    log_path: str
+
+    def log_tail(self, n: int = 40) -> str:
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-n:])
+
+
+@dataclass
+class LocalCluster:
+    """Starts `python -m services.<name> --port <free port> ...` processes, logging to log_dir."""
+    log_dir: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+
+    def start(self, name: str, module: str, *args: str, env: dict | None = None, port: int | None = None) -> Proc:
+        port = port or free_port()
+        log_path = os.path.join(self.log_dir, f"{name}.log")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
+               **(env or {})}
+        with open(log_path, "w") as log:
+            popen = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
+        proc = Proc(name, f"localhost:{port}", popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def wait_healthy(self, proc: Proc, timeout: float = 120.0) -> None:
+        try:
+            wait_healthy(proc.address, timeout=timeout)
+        except Exception as exc:
+            raise RuntimeError(f"{proc.name} did not come up: {exc}\n{proc.log_tail()}") from exc
+
+    def stop(self, proc: Proc) -> None:
+        if proc.popen.poll() is None:
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+        self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)

@@ -1,0 +1,63 @@
+"""The GRPO loop, start to end of a run. Every step is one call into a named module; retries
+(clients.py), persistence (runs.py) and metrics (steps.py) live beside it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from services.common.config import RLConfig
+from services.coordinator.advantages import group_normalized_advantages
+from services.coordinator.clients import RolloutPool, StepError, TrainerClient
+from services.coordinator.data import PromptSampler, load_jsonl
+from services.coordinator.rewards import get_reward
+from services.coordinator.runs import Run
+from services.coordinator.steps import (Timer, encode_prompts, logprob_agreement, optimizer_steps, sampling_params,
+                                        score, step_metrics, to_sequences)
+from services.coordinator.sync import WeightSync
+
+
+@dataclass
+class RunContext:
+    cfg: RLConfig
+    run: Run
+    tokenizer: object
+    trainer: TrainerClient
+    rollouts: RolloutPool
+    sync: WeightSync
+
+
+def run_grpo(ctx: RunContext) -> None:
+    cfg, run, ra = ctx.cfg, ctx.run, ctx.cfg.runtime_args
+    n = ra.num_inference_per_prompt
+    prompts = encode_prompts(ctx.tokenizer, load_jsonl(ra.data_path), cfg.models.policy.max_prompt_tokens_length)
+    if prompts.dropped:
+        run.log(f"skipped {prompts.dropped} prompts longer than models.policy.max_prompt_tokens_length")
+    sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle)
+    reward = get_reward(cfg.models.reward.name)
+    version = 0
+    ctx.sync.sync(version)                      # every replica starts from the trainer's weights
+
+    for step in range(1, ra.num_episode + 1):
+        run.control_point()                     # pause / stop land between steps
+        timer = Timer()
+        records = sampler.next_batch()
+        with timer("rollout"):
+            samples = ctx.rollouts.generate([prompts.ids[r.index] for r in records],
+                                            sampling_params(cfg, seed=ra.seed * 100_003 + step), n, tag=str(step))
+        if any(s.version != version for s in samples):
+            raise StepError(f"samples of step {step} carry versions {sorted({s.version for s in samples})}, "
+                            f"expected {version} (a replica missed a weight sync)")
+        with timer("agreement"):
+            agreement = logprob_agreement(ctx.trainer, samples, k=ra.agreement_samples,
+                                          threshold=ra.logprob_diff_threshold, temperature=cfg.models.policy.temperature)
+        with timer("reward"):
+            rewards = score(reward, ctx.tokenizer, samples, records)
+        advantages = group_normalized_advantages(rewards, n)
+        with timer("train"):
+            train = [ctx.trainer.train(mbs) for mbs in optimizer_steps(to_sequences(samples, advantages), cfg, step)]
+        version += len(train)
+        with timer("sync"):
+            synced = ctx.sync.sync(version)
+        run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer))
+        if ra.save_episode_interval and step % ra.save_episode_interval == 0:
+            ctx.trainer.save_checkpoint(os.path.join(run.run_dir, f"checkpoint-{step}"), step, sampler.position)

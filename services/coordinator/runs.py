@@ -1,0 +1,165 @@
+"""Runs: state, events for WatchRun, pause/stop control points, persistence under the output dir.
+
+Each run writes `<runtime_args.output_dir>/runs/<run_id>/` with state.json, config.yaml and
+metrics.jsonl; the coordinator's state dir keeps an index so a restarted coordinator lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from rlgrid.v1 import coordinator_pb2 as cpb
+
+TERMINAL = {cpb.STOPPED, cpb.FAILED, cpb.FINISHED}
+
+
+class StopRequested(Exception):
+    """Raised at a control point after StopRun."""
+
+
+@dataclass
+class Run:
+    run_id: str
+    config_yaml: str
+    output_dir: str
+    total_steps: int
+    state: int = cpb.PENDING
+    step: int = 0
+    error: str = ""
+    created_at: float = field(default_factory=time.time)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    pause_requested: bool = False
+    stop_requested: bool = False
+    listeners: list = field(default_factory=list)   # called with (run, step, metrics) after each step
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition()
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, "runs", self.run_id)
+
+    # ---- used by the loop ---------------------------------------------------------------------
+    def control_point(self) -> None:
+        """Between steps: blocks while paused, raises StopRequested after StopRun."""
+        with self.cond:
+            if self.pause_requested and self.state == cpb.RUNNING:
+                self._set_state(cpb.PAUSED, "paused")
+            while self.pause_requested and not self.stop_requested:
+                self.cond.wait()
+            if self.stop_requested:
+                raise StopRequested()
+            if self.state == cpb.PAUSED:
+                self._set_state(cpb.RUNNING, "resumed")
+
+    def record_step(self, step: int, metrics: dict[str, float]) -> None:
+        with self.cond:
+            self.step, self.last_metrics = step, dict(metrics)
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._event(message=f"step {step}/{self.total_steps}", metrics=metrics)
+            self.persist()
+        for listener in self.listeners:
+            listener(self, step, metrics)
+
+    def log(self, message: str) -> None:
+        with self.cond:
+            self._event(message=message)
+
+    def set_state(self, state: int, message: str = "", error: str = "") -> None:
+        with self.cond:
+            self.error = error or self.error
+            self._set_state(state, message or error)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _set_state(self, state: int, message: str) -> None:
+        self.state = state
+        self._event(message=message)
+        self.persist()
+
+    def _event(self, message: str = "", metrics: dict | None = None) -> None:
+        self.events.append({"state": self.state, "step": self.step, "metrics": metrics or {}, "message": message,
+                            "time": time.time()})
+        self.cond.notify_all()
+
+    def persist(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        state = {k: getattr(self, k) for k in ("run_id", "output_dir", "total_steps", "state", "step", "error",
+                                               "created_at", "last_metrics")}
+        tmp = os.path.join(self.run_dir, "state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, os.path.join(self.run_dir, "state.json"))
+
+    def to_proto(self) -> cpb.RunInfo:
+        return cpb.RunInfo(run_id=self.run_id, state=self.state, step=self.step, total_steps=self.total_steps,
+                           output_dir=self.output_dir, error=self.error, last_metrics=self.last_metrics,
+                           config_yaml=self.config_yaml, created_at=self.created_at)
+
+
+class RunStore:
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.index_path = os.path.join(state_dir, "runs.jsonl")
+        self.runs: dict[str, Run] = {}
+        self.lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if not os.path.exists(self.index_path):
+            return
+        with open(self.index_path) as f:
+            for line in f:
+                entry = json.loads(line)
+                run_dir = os.path.join(entry["output_dir"], "runs", entry["run_id"])
+                try:
+                    with open(os.path.join(run_dir, "state.json")) as sf:
+                        state = json.load(sf)
+                    with open(os.path.join(run_dir, "config.yaml")) as cf:
+                        config_yaml = cf.read()
+                except OSError:
+                    continue   # its output dir is gone
+                run = Run(run_id=state["run_id"], config_yaml=config_yaml, output_dir=state["output_dir"],
+                          total_steps=state["total_steps"], state=state["state"], step=state["step"],
+                          error=state["error"], created_at=state["created_at"], last_metrics=state["last_metrics"])
+                metrics_path = os.path.join(run_dir, "metrics.jsonl")
+                if os.path.exists(metrics_path):
+                    with open(metrics_path) as mf:
+                        for mline in mf:
+                            m = json.loads(mline)
+                            run.events.append({"state": cpb.RUNNING, "step": m.pop("step"), "metrics": m,
+                                               "message": "", "time": 0.0})
+                if run.state not in TERMINAL:
+                    run.error = "the coordinator restarted while this run was active"
+                    run.state = cpb.FAILED
+                    run.persist()
+                run.events.append({"state": run.state, "step": run.step, "metrics": {}, "message": run.error,
+                                   "time": time.time()})
+                self.runs[run.run_id] = run
+
+    def create(self, config_yaml: str, output_dir: str, total_steps: int) -> Run:
+        run = Run(run_id=uuid.uuid4().hex[:12], config_yaml=config_yaml, output_dir=os.path.abspath(output_dir),
+                  total_steps=total_steps)
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        run.set_state(cpb.PENDING, "waiting for workers")
+        with self.lock:
+            self.runs[run.run_id] = run
+            with open(self.index_path, "a") as f:
+                f.write(json.dumps({"run_id": run.run_id, "output_dir": run.output_dir}) + "\n")
+        return run
+
+    def get(self, run_id: str) -> Run | None:
+        with self.lock:
+            return self.runs.get(run_id)
+
+    def all(self) -> list[Run]:
+        with self.lock:
+            return sorted(self.runs.values(), key=lambda r: r.created_at)

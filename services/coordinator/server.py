@@ -1,0 +1,204 @@
+"""The coordinator service: the user's API (grpcurl-friendly), the worker registry, and a scheduler
+that runs one run at a time on the registered workers.
+
+    python -m services.coordinator --port 50050 --state-dir ./output/coordinator
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import threading
+import time
+
+import grpc
+
+from rlgrid.v1 import common_pb2 as pb
+from rlgrid.v1 import coordinator_pb2 as cpb
+from rlgrid.v1 import coordinator_pb2_grpc
+from services.common.config import RLConfig, config_to_yaml, load_config
+from services.common.logs import setup_logging
+from services.common.models import load_tokenizer
+from services.common.rpc import FailedPrecondition, InvalidArgument, NotFound, Server, handle_errors, wait_healthy
+from services.common.weight_sync import Rendezvous
+from services.coordinator import metrics
+from services.coordinator.clients import RolloutPool, TrainerClient
+from services.coordinator.loop import RunContext, run_grpo
+from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
+from services.coordinator.sync import WeightSync
+from services.coordinator.workers import WorkerRegistry
+
+log = logging.getLogger("coordinator")
+
+
+class Scheduler:
+    """Runs pending runs one after another once a trainer and a rollout replica are registered."""
+
+    def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous):
+        self.store, self.workers, self.rendezvous = store, workers, rendezvous
+        self.queue: queue.Queue[tuple[Run, RLConfig]] = queue.Queue()
+        threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
+
+    def submit(self, run: Run, cfg: RLConfig) -> None:
+        self.queue.put((run, cfg))
+
+    def _loop(self) -> None:
+        while True:
+            run, cfg = self.queue.get()
+            while run.state == cpb.PENDING and not run.stop_requested:
+                trainers, rollouts = self.workers.alive(cpb.TRAINER), self.workers.alive(cpb.ROLLOUT)
+                if trainers and rollouts:
+                    break
+                self.workers.changed.wait(timeout=1.0)
+                self.workers.changed.clear()
+            if run.stop_requested:
+                run.set_state(cpb.STOPPED, "stopped before it started")
+                continue
+            self._execute(run, cfg, trainers[0].address, [w.address for w in rollouts])
+
+    def _execute(self, run: Run, cfg: RLConfig, trainer_addr: str, rollout_addrs: list[str]) -> None:
+        ra = cfg.runtime_args
+        try:
+            run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
+            trainer = TrainerClient(trainer_addr, ra.grpc_max_message_mb)
+            rollouts = RolloutPool(rollout_addrs, max_message_mb=ra.grpc_max_message_mb, retries=ra.step_retries)
+            setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
+            trainer.stub.Setup(setup)
+            rollouts.call_all("Setup", setup)
+            ctx = RunContext(cfg=cfg, run=run, tokenizer=load_tokenizer(cfg.models.policy.load), trainer=trainer,
+                             rollouts=rollouts, sync=WeightSync(self.rendezvous, trainer, rollouts,
+                                                                bucket_mb=ra.weight_sync_bucket_mb))
+            run_grpo(ctx)
+            run.set_state(cpb.FINISHED, f"finished {run.step} steps")
+        except StopRequested:
+            run.set_state(cpb.STOPPED, f"stopped after step {run.step}")
+        except grpc.RpcError as exc:
+            log.error("run %s failed: %s", run.run_id, exc.details())
+            run.set_state(cpb.FAILED, error=f"{exc.code().name}: {exc.details()}")
+        except Exception as exc:  # noqa: BLE001 - a failed run is reported, the coordinator keeps serving
+            log.exception("run %s failed", run.run_id)
+            run.set_state(cpb.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, store: RunStore, workers: WorkerRegistry, scheduler: Scheduler):
+        self.store, self.workers, self.scheduler = store, workers, scheduler
+
+    def _run(self, run_id: str) -> Run:
+        run = self.store.get(run_id)
+        if run is None:
+            raise NotFound(f"run_id {run_id!r} not found; ListRuns shows the known runs")
+        return run
+
+    @handle_errors
+    def StartRun(self, request, context):
+        if not (request.config_yaml or request.config_path or request.overrides):
+            raise InvalidArgument("give config_yaml, config_path or overrides")
+        cfg = load_config(request.config_yaml or None, list(request.overrides), path=request.config_path or None)
+        p, ra = cfg.models.policy, cfg.runtime_args
+        if not p.load:
+            raise InvalidArgument("models.policy.load is empty: set it to an HF model directory")
+        load_tokenizer(p.load)   # a bad path is the caller's error, reported now
+        if not os.path.isfile(ra.data_path):
+            raise InvalidArgument(f"runtime_args.data_path={ra.data_path!r} is not a file on the coordinator's host")
+        run = self.store.create(config_to_yaml(cfg), ra.output_dir, ra.num_episode)
+        run.listeners.append(metrics.observe)
+        self.scheduler.submit(run, cfg)
+        log.info("run %s submitted (%d steps)", run.run_id, ra.num_episode)
+        return run.to_proto()
+
+    @handle_errors
+    def GetRun(self, request, context):
+        return self._run(request.run_id).to_proto()
+
+    @handle_errors
+    def ListRuns(self, request, context):
+        return cpb.RunList(runs=[r.to_proto() for r in self.store.all()])
+
+    @handle_errors
+    def WatchRun(self, request, context):
+        run = self._run(request.run_id)
+        sent = 0
+        while context.is_active():
+            with run.cond:
+                while sent == len(run.events) and run.state not in TERMINAL and context.is_active():
+                    run.cond.wait(timeout=1.0)
+                events, finished = run.events[sent:], run.state in TERMINAL
+            sent += len(events)
+            for e in events:
+                if e["metrics"] and e["step"] < request.from_step:
+                    continue
+                yield cpb.RunEvent(run_id=run.run_id, state=e["state"], step=e["step"], metrics=e["metrics"],
+                                   message=e["message"], time=e["time"])
+            if finished and sent == len(run.events):
+                return
+
+    @handle_errors
+    def PauseRun(self, request, context):
+        run = self._run(request.run_id)
+        with run.cond:
+            if run.state in TERMINAL:
+                raise FailedPrecondition(f"run {run.run_id} has ended ({cpb.RunState.Name(run.state)})")
+            run.pause_requested = True
+            run.cond.notify_all()
+        return run.to_proto()
+
+    @handle_errors
+    def ResumeRun(self, request, context):
+        run = self._run(request.run_id)
+        with run.cond:
+            if run.state in TERMINAL:
+                raise FailedPrecondition(f"run {run.run_id} has ended ({cpb.RunState.Name(run.state)})")
+            run.pause_requested = False
+            run.cond.notify_all()
+        return run.to_proto()
+
+    @handle_errors
+    def StopRun(self, request, context):
+        run = self._run(request.run_id)
+        with run.cond:
+            if run.state not in TERMINAL:
+                run.stop_requested = True
+                run.cond.notify_all()
+        return run.to_proto()
+
+    @handle_errors
+    def ListWorkers(self, request, context):
+        return cpb.WorkerList(workers=self.workers.alive())
+
+    @handle_errors
+    def RegisterWorker(self, request, context):
+        return cpb.RegisterReply(worker_id=self.workers.register(request))
+
+
+def serve(port: int, *, host: str = "0.0.0.0", state_dir: str = "./output/coordinator",
+          advertise_host: str = "127.0.0.1", metrics_port: int | None = None) -> tuple[Server, CoordinatorServicer]:
+    store, workers = RunStore(state_dir), WorkerRegistry()
+    scheduler = Scheduler(store, workers, Rendezvous(advertise_host))
+    servicer = CoordinatorServicer(store, workers, scheduler)
+    server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
+                      cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port)
+    if metrics_port is not None:
+        metrics.serve(metrics_port)
+    log.info("coordinator on port %d, state in %s", server.port, os.path.abspath(state_dir))
+    return server, servicer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rlgrid coordinator")
+    parser.add_argument("--port", type=int, default=50050)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--state-dir", default="./output/coordinator", help="index of runs (survives restarts)")
+    parser.add_argument("--advertise-host", default="127.0.0.1",
+                        help="host the services reach this coordinator's weight-sync rendezvous at")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    args = parser.parse_args()
+    setup_logging("coordinator")
+    server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
+                      metrics_port=args.metrics_port)
+    server.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Weight sync, coordinator side: builds the group (one plan per member) and runs the two-phase
+update: trainer SendWeights + every replica ReceiveWeights concurrently, then Commit on all, or
+Abort on all if anything failed (replicas keep serving the old version)."""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from rlgrid.v1 import common_pb2 as pb
+from services.common.weight_sync import Rendezvous
+from services.coordinator.clients import RolloutPool, StepError, TrainerClient
+
+log = logging.getLogger(__name__)
+
+
+class WeightSync:
+    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *,
+                 bucket_mb: int, timeout_s: int = 300):
+        self.rendezvous, self.trainer, self.rollouts = rendezvous, trainer, rollouts
+        self.bucket_bytes = bucket_mb * 1024 * 1024
+        self.timeout_s = timeout_s
+        self.group_id: str | None = None
+
+    def _plan(self) -> list[pb.WeightSyncPlan]:
+        tinfo = self.trainer.stub.GetInfo(pb.Empty())
+        rinfos = self.rollouts.call_all("GetInfo", pb.Empty())
+        by_name = [{p.name: (tuple(p.shape), p.dtype) for p in r.params} for r in rinfos]
+        if any(b != by_name[0] for b in by_name[1:]):
+            raise StepError("rollout replicas serve different models or dtypes; give them the same "
+                            "models.policy.load and models.policy.dtype")
+        mismatch = [t.name for t in tinfo.params if by_name[0].get(t.name, (None,))[0] != tuple(t.shape)]
+        if mismatch or len(by_name[0]) != len(tinfo.params):
+            raise StepError(f"trainer and rollout models differ (e.g. {mismatch[:3]}, {len(tinfo.params)} vs "
+                            f"{len(by_name[0])} parameters): models.policy.load and models.policy_trainer.load "
+                            f"must be the same architecture")
+        wire = [pb.ParamSpec(name=t.name, shape=t.shape, dtype=by_name[0][t.name][1]) for t in tinfo.params]
+        on_gpu = tinfo.device.startswith("cuda") and all(r.device.startswith("cuda") for r in rinfos)
+        group_id = self.rendezvous.new_group_id()
+        common = dict(group_id=group_id, transport="broadcast", backend="nccl" if on_gpu else "gloo",
+                      rendezvous_host=self.rendezvous.host, rendezvous_port=self.rendezvous.port,
+                      world_size=1 + len(rinfos), params=wire, bucket_bytes=self.bucket_bytes,
+                      timeout_s=self.timeout_s)
+        return [pb.WeightSyncPlan(rank=rank, **common) for rank in range(1 + len(rinfos))]
+
+    def _prepare(self) -> None:
+        plans = self._plan()
+        members = [self.trainer.stub] + [r.stub for r in self.rollouts.replicas]
+        with ThreadPoolExecutor(len(members)) as pool:
+            futures = [pool.submit(m.PrepareWeightSync, plan, timeout=self.timeout_s) for m, plan in zip(members, plans)]
+            for f in futures:
+                f.result()
+        self.group_id = plans[0].group_id
+        log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(members) - 1,
+                 plans[0].backend)
+
+    def sync(self, version: int) -> dict[str, float]:
+        """Every replica serves `version` afterwards, or (on error) still its old version."""
+        start = time.perf_counter()
+        if self.group_id is None:
+            self._prepare()
+        request = pb.WeightSyncRequest(group_id=self.group_id, version=version)
+        replicas = self.rollouts.replicas
+        with ThreadPoolExecutor(1 + len(replicas)) as pool:
+            send = pool.submit(self.trainer.stub.SendWeights, request, timeout=self.timeout_s)
+            receives = [pool.submit(r.stub.ReceiveWeights, request, timeout=self.timeout_s) for r in replicas]
+            errors = []
+            for f in [send, *receives]:
+                try:
+                    f.result()
+                except Exception as exc:  # noqa: BLE001 - collected, then all aborted
+                    errors.append(exc)
+        if errors:
+            self.group_id = None   # a broken collective leaves the group unusable: rebuild next time
+            for r in replicas:
+                try:
+                    r.stub.AbortWeights(request, timeout=30)
+                except Exception:  # noqa: BLE001 - the replica may be the one that died
+                    pass
+            raise StepError(f"weight sync to version {version} failed; replicas keep their old version: {errors[0]}")
+        commits = self.rollouts.call_all("CommitWeights", request, timeout=60)
+        if any(c.version != version for c in commits):
+            raise StepError(f"a replica did not commit version {version}: {[c.version for c in commits]}")
+        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(send.result().bytes),
+                "sync/send_seconds": send.result().seconds}

@@ -1,0 +1,70 @@
+"""The rollout engine interface. The built-in engine (transformers) implements it; vLLM will be a
+second backend of this same interface, selected by models.policy.engine."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from services.common.weight_sync import ParamMeta
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0  # 0: not reproducible
+
+
+@dataclass
+class Generation:
+    """One response to one prompt."""
+    prompt_index: int
+    response_ids: list[int]
+    logprobs: list[float]        # log p(token) under softmax(logits / temperature), unfiltered by top-k/top-p
+    finish_reason: str           # "stop" or "length"
+    policy_version: int
+
+
+@dataclass
+class EngineInfo:
+    engine: str
+    model: str
+    device: str
+    dtype: str
+    vocab_size: int
+    eos_token_id: int
+    params: list[ParamMeta] = field(default_factory=list)
+
+
+class Engine(abc.ABC):
+    """Generates with the serving weights; receives new weights in two phases (stage, commit)."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
+        """Yields n generations per prompt, as they complete; all from one policy version."""
+
+    @abc.abstractmethod
+    def stage_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copies named tensors into staging; generation keeps using the serving weights.
+        Each tensor is valid only during its iteration step."""
+
+    @abc.abstractmethod
+    def commit_weights(self, version: int) -> int:
+        """Atomically makes the staged weights the serving ones; returns the serving version."""
+
+    @abc.abstractmethod
+    def abort_weights(self) -> None:
+        """Drops staged weights."""
+
+    @property
+    @abc.abstractmethod
+    def version(self) -> int: ...
+
+    @abc.abstractmethod
+    def info(self) -> EngineInfo: ...

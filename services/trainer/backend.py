@@ -1,0 +1,39 @@
+"""The trainer backend interface: FSDP2 now, Megatron-core later; both use services/trainer/loss.py."""
+from __future__ import annotations
+
+import abc
+from typing import Iterable, Iterator
+
+import torch
+
+from services.common.batches import MicroBatch
+from services.common.weight_sync import ParamMeta
+
+
+class TrainerBackend(abc.ABC):
+    @abc.abstractmethod
+    def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
+        """Accumulates gradients over the micro-batches of one optimizer step, then steps."""
+
+    @abc.abstractmethod
+    def compute_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        """float32 [T] logprobs of batch.input_ids under the current weights (0 at sequence starts)."""
+
+    @abc.abstractmethod
+    def param_specs(self) -> list[ParamMeta]:
+        """Full (unsharded) parameters in sync order, HF names."""
+
+    @abc.abstractmethod
+    def full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields full parameters in param_specs order (a collective over the trainer's ranks)."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, path: str, extra: dict) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def step(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...

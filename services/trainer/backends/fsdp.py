@@ -1,0 +1,190 @@
+"""FSDP2 trainer backend: `fully_shard` on every decoder layer and the root, even at world size 1,
+so the same code runs on one CPU process (gloo) or N GPUs (NCCL)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from services.common.batches import MicroBatch
+from services.common.config import RLConfig
+from services.common.models import load_causal_lm, resolve_dtype
+from services.common.packing import position_ids_for
+from services.common.weight_sync import ParamMeta
+from services.trainer.backend import TrainerBackend
+from services.trainer.loss import LossConfig, policy_loss, token_logprobs_and_entropy
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(device: torch.device) -> None:
+    """The trainer's own process group: torchrun's env when launched by it, else a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+class OutOfMemoryGuidance(RuntimeError):
+    """torch.OutOfMemoryError during training, with the config keys that remedy it."""
+
+
+def oom_guidance(cfg: RLConfig, longest_sequence: int) -> str:
+    t = cfg.models.policy_trainer
+    sp = f"models.policy_trainer.ulysses_sequence_parallel_size (now {t.ulysses_sequence_parallel_size})"
+    if t.packing:
+        if t.max_token_in_packing <= longest_sequence:
+            return (f"CUDA out of memory while training a packed micro-batch: the bin "
+                    f"(models.policy_trainer.max_token_in_packing={t.max_token_in_packing}) already holds only "
+                    f"one {longest_sequence}-token sequence; raise {sp}")
+        return (f"CUDA out of memory while training packed micro-batches: lower "
+                f"models.policy_trainer.max_token_in_packing (now {t.max_token_in_packing}) or raise {sp}")
+    if cfg.runtime_args.train_micro_batch_size <= 1:
+        return (f"CUDA out of memory with runtime_args.train_micro_batch_size=1 (packing off): raise {sp}")
+    return (f"CUDA out of memory while training padded micro-batches: lower runtime_args.train_micro_batch_size "
+            f"(now {cfg.runtime_args.train_micro_batch_size}), or set models.policy_trainer.packing=True")
+
+
+class FSDPBackend(TrainerBackend):
+    def __init__(self, cfg: RLConfig, device: torch.device):
+        self.cfg = cfg
+        t = cfg.models.policy_trainer
+        self.device = device
+        init_distributed(device)
+        self.compute_dtype = resolve_dtype(t.dtype, device)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+              if self.compute_dtype != torch.float32 else MixedPrecisionPolicy())
+        try:
+            self.model = self._build(t.load, mesh, mp, train=True)
+            self.ref = self._build(t.load, mesh, mp, train=False) if t.kl_coef > 0 else None
+        except MemoryError as exc:
+            raise MemoryError(f"host out of memory while loading {t.load}: set models.policy_trainer.meta_init=True "
+                              f"so each rank materialises only its shard") from exc
+        o = t.optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                                           eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.loss_cfg = LossConfig(pos_clip_ratio=t.pos_clip_ratio, neg_clip_ratio=t.neg_clip_ratio,
+                                   kl_coef=t.kl_coef, entropy_coef=t.entropy_coef)
+        self._step = 0
+        self._names = [n for n, _ in self.model.named_parameters()]
+
+    def _build(self, path: str, mesh, mp: MixedPrecisionPolicy, *, train: bool) -> torch.nn.Module:
+        # fp32 master weights; FSDP casts to the compute dtype per layer for forward/backward.
+        model = load_causal_lm(path, dtype=torch.float32, device=self.device, seed=self.cfg.runtime_args.seed,
+                               key="models.policy_trainer.load")
+        if train and self.cfg.models.policy_trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        if not train:
+            model.eval().requires_grad_(False)
+        return model
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _logprobs(self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool):
+        ids = mb.input_ids.to(self.device)
+        if mb.padded:
+            rows = torch.split(ids, mb.seq_lens)
+            width = max(mb.seq_lens)
+            x = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+            attn = torch.zeros_like(x)
+            for r, row in enumerate(rows):
+                x[r, : len(row)], attn[r, : len(row)] = row, 1
+            logits = model(input_ids=x, attention_mask=attn, use_cache=False).logits
+            lp, ent = token_logprobs_and_entropy(logits, x, mb.temperature, with_entropy)
+            keep = attn.bool()
+            return lp[keep], (ent[keep] if ent is not None else None)
+        # Packed: position ids restart per sequence; transformers derives a block-diagonal causal
+        # mask from them (sdpa/eager) or uses varlen kernels (flash), so attention never crosses.
+        pos = position_ids_for(mb.seq_lens).to(self.device)
+        logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
+        lp, ent = token_logprobs_and_entropy(logits, ids, mb.temperature, with_entropy)
+        not_start = (pos != 0).to(lp.dtype)   # the first token of a sequence has no prediction
+        return lp * not_start, (ent * not_start if ent is not None else None)
+
+    # ---- TrainerBackend -----------------------------------------------------------------------
+    def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        tokens = count = longest = 0
+        try:
+            for mb in micro_batches:
+                longest = max(longest, max(mb.seq_lens))
+                ref = None
+                if self.ref is not None:
+                    with torch.no_grad():
+                        ref, _ = self._logprobs(self.ref, mb, with_entropy=False)
+                lp, ent = self._logprobs(self.model, mb, with_entropy=True)
+                if self.loss_cfg.entropy_coef == 0:
+                    ent = ent.detach()
+                dev = lambda x: x.to(self.device)  # noqa: E731
+                loss, metrics = policy_loss(lp, dev(mb.old_logprobs), dev(mb.advantages), dev(mb.loss_mask),
+                                            cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
+                                            ref_logprobs=ref, entropy=ent)
+                loss.backward()
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                tokens += mb.num_tokens
+                count += 1
+        except torch.OutOfMemoryError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise OutOfMemoryGuidance(oom_guidance(self.cfg, longest)) from exc
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)  # a failed step changes nothing
+            raise
+        if count == 0:
+            raise ValueError("Train received no micro-batches")
+        clip = self.cfg.models.policy_trainer.optimizer.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        totals.update(grad_norm=float(norm), tokens=float(tokens), micro_batches=float(count),
+                      lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+        return totals
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        self.model.eval()
+        lp, _ = self._logprobs(self.model, batch, with_entropy=False)
+        return lp.float().cpu()
+
+    def param_specs(self) -> list[ParamMeta]:
+        return [ParamMeta(n, self.compute_dtype, tuple(p.shape)) for n, p in self.model.named_parameters()]
+
+    def full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if dist.get_rank() == 0:
+            with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
+                json.dump({"step": self._step, **extra}, f)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size

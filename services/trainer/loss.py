@@ -1,0 +1,252 @@
+"""The GRPO / PPO-clip policy loss shared by every trainer backend.
+
+All loss inputs are flat 1-D tensors over the tokens of one micro-batch
+(packed rows are flattened), aligned so that index ``t`` refers to token ``t``.
+Every term is normalised by the number of loss tokens in the whole optimizer
+step (``num_global_tokens``), so summing micro-batch losses under gradient
+accumulation, across micro-batches and ranks of different sizes, yields exactly
+the gradient of the token mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Coefficients of the policy loss.
+
+    Attributes:
+        pos_clip_ratio: the importance ratio is clipped at ``1 + pos_clip_ratio``
+            (for positive advantages this bounds how far a token's probability
+            is pushed up in one step).
+        neg_clip_ratio: the importance ratio is clipped at ``1 - neg_clip_ratio``
+            (for negative advantages this bounds how far it is pushed down).
+        kl_coef: weight of the k3 KL estimator to the frozen reference policy.
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    """
+
+    pos_clip_ratio: float = 0.2
+    neg_clip_ratio: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pos_clip_ratio < 0:
+            raise ValueError(f"pos_clip_ratio must be >= 0, got {self.pos_clip_ratio}")
+        if not 0 <= self.neg_clip_ratio < 1:
+            raise ValueError(f"neg_clip_ratio must be in [0, 1), got {self.neg_clip_ratio}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    cfg: LossConfig,
+    num_global_tokens: int,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip policy loss with asymmetric clipping, k3 KL and entropy bonus.
+
+    Per token ``t`` with ``ratio = exp(logprobs - old_logprobs)``::
+
+        pg  = max(-A * ratio, -A * clamp(ratio, 1 - neg_clip_ratio, 1 + pos_clip_ratio))
+        kl  = exp(ref - logprobs) - (ref - logprobs) - 1          # k3, >= 0
+        loss = sum_t mask_t * (pg + kl_coef * kl - entropy_coef * entropy) / num_global_tokens
+
+    Args:
+        logprobs: [T] log-probabilities of the taken tokens under the current
+            policy (carries the gradient).
+        old_logprobs: [T] log-probabilities under the policy that generated the
+            samples (treated as constants).
+        advantages: [T] per-token advantages.
+        loss_mask: [T] bool or 0/1 mask; tokens with 0 contribute nothing.
+        cfg: loss coefficients.
+        num_global_tokens: number of loss tokens in the whole optimizer step,
+            over all micro-batches and ranks. Every term is a masked sum divided
+            by this number.
+        ref_logprobs: [T] log-probabilities under the frozen reference policy.
+            Required when ``cfg.kl_coef > 0``; when given, the KL is reported
+            even if ``cfg.kl_coef == 0``.
+        entropy: [T] entropy of the current policy's predicting distribution
+            per token (see :func:`token_logprobs_and_entropy`). Required when
+            ``cfg.entropy_coef > 0``; when given, it is reported even if
+            ``cfg.entropy_coef == 0``.
+
+    Returns:
+        ``(loss, metrics)``. ``loss`` is a scalar to backpropagate. ``metrics``
+        holds detached scalars normalised like the loss, so they add up over
+        the micro-batches of a step: ``"pg_loss"``, ``"clip_frac"`` (fraction of
+        loss tokens whose clipped term was active), ``"kl"`` (0 when no
+        ``ref_logprobs`` were given), ``"entropy"`` (only when ``entropy`` is
+        given) and ``"loss"``.
+
+    Raises:
+        ValueError: on shape mismatches, a non-positive ``num_global_tokens``,
+            or a missing ``ref_logprobs`` / ``entropy`` needed by ``cfg``.
+    """
+    if num_global_tokens <= 0:
+        raise ValueError(f"num_global_tokens must be > 0, got {num_global_tokens}")
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} > 0 but ref_logprobs is None: the trainer must compute "
+            "reference logprobs with the frozen reference policy when the KL term is enabled"
+        )
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError(
+            f"entropy_coef={cfg.entropy_coef} > 0 but entropy is None: the trainer must compute "
+            "per-token entropy (token_logprobs_and_entropy(..., with_entropy=True))"
+        )
+    named = {"old_logprobs": old_logprobs, "advantages": advantages, "loss_mask": loss_mask,
+             "ref_logprobs": ref_logprobs, "entropy": entropy}
+    if logprobs.dim() != 1:
+        raise ValueError(f"logprobs must be 1-D over flattened tokens, got shape {tuple(logprobs.shape)}")
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != logprobs.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {tuple(logprobs.shape)} like logprobs"
+            )
+
+    mask = loss_mask.to(torch.bool)
+
+    def masked_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, values, torch.zeros_like(values)).sum() / num_global_tokens
+
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    clipped_ratio = torch.clamp(ratio, 1.0 - cfg.neg_clip_ratio, 1.0 + cfg.pos_clip_ratio)
+    unclipped_obj = -advantages * ratio
+    clipped_obj = -advantages * clipped_ratio
+    pg_loss = masked_mean(torch.maximum(unclipped_obj, clipped_obj))
+    clip_frac = masked_mean((clipped_obj > unclipped_obj).to(logprobs.dtype))
+
+    loss = pg_loss
+    metrics: dict[str, torch.Tensor] = {"pg_loss": pg_loss.detach(), "clip_frac": clip_frac.detach()}
+
+    if ref_logprobs is not None:
+        log_ratio = ref_logprobs.detach() - logprobs
+        kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1.0)
+        metrics["kl"] = kl.detach()
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef * kl
+    else:
+        metrics["kl"] = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
+
+    if entropy is not None:
+        mean_entropy = masked_mean(entropy)
+        metrics["entropy"] = mean_entropy.detach()
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * mean_entropy
+
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def _chunk_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of ``targets`` and entropy under ``softmax(logits / temperature)``.
+
+    ``logits`` is [C, V] (any float dtype), ``targets`` is [C]; computed in float32.
+    """
+    scaled = logits.float() / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logprobs, None
+    probs = torch.exp(scaled - log_norm.unsqueeze(-1))
+    entropy = log_norm - (probs * scaled).sum(dim=-1)
+    return logprobs, entropy
+
+
+def _row_logprobs_and_entropy(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float, with_entropy: bool, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs_and_entropy` for one row: logits [L, V], input_ids [L]."""
+    length = input_ids.shape[0]
+    lp_parts = [logits.new_zeros(min(length, 1), dtype=torch.float32)]
+    ent_parts = [logits.new_zeros(min(length, 1), dtype=torch.float32)]
+    # Under autograd each chunk is checkpointed: only the (already alive) logits
+    # slice is kept for backward and the float32 chunk is recomputed, so the
+    # float32 [L, V] intermediates are never held all at once.
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    for start in range(0, length - 1, chunk_size):
+        stop = min(start + chunk_size, length - 1)
+        chunk_logits = logits[start:stop]
+        targets = input_ids[start + 1 : stop + 1]
+        if recompute:
+            lp, ent = checkpoint(
+                _chunk_logprobs_and_entropy, chunk_logits, targets, temperature, with_entropy,
+                use_reentrant=False,
+            )
+        else:
+            lp, ent = _chunk_logprobs_and_entropy(chunk_logits, targets, temperature, with_entropy)
+        lp_parts.append(lp)
+        if with_entropy:
+            ent_parts.append(ent)
+    return torch.cat(lp_parts), (torch.cat(ent_parts) if with_entropy else None)
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities (and entropies) of a causal LM's own input.
+
+    For a row of logits [L, V] over ``input_ids`` [L]::
+
+        logprobs[t] = log_softmax(logits[t - 1] / temperature)[input_ids[t]]   (t >= 1)
+        entropy[t]  = entropy of softmax(logits[t - 1] / temperature)          (t >= 1)
+        logprobs[0] = entropy[0] = 0
+
+    Computation is in float32, ``chunk_size`` positions at a time, so a large
+    vocabulary never materialises a full float32 [L, V] log-softmax; when the
+    logits require grad, chunks are recomputed in backward instead of stored.
+    Batched input (logits [B, L, V], input_ids [B, L]) is handled row by row
+    with the same semantics.
+
+    Args:
+        logits: [L, V] or [B, L, V] logits, any float dtype.
+        input_ids: [L] or [B, L] token ids matching ``logits``.
+        temperature: sampling temperature the logits are divided by (> 0).
+        with_entropy: also return the per-token entropy.
+        chunk_size: number of positions processed at once (> 0).
+
+    Returns:
+        ``(logprobs, entropy)``, float32 tensors shaped like ``input_ids``;
+        ``entropy`` is ``None`` unless ``with_entropy``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if logits.dim() != input_ids.dim() + 1 or logits.shape[:-1] != input_ids.shape or input_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"expected logits [L, V] with input_ids [L] or logits [B, L, V] with input_ids [B, L], "
+            f"got logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)}"
+        )
+    if input_ids.dim() == 1:
+        return _row_logprobs_and_entropy(logits, input_ids, temperature, with_entropy, chunk_size)
+    rows = [
+        _row_logprobs_and_entropy(row_logits, row_ids, temperature, with_entropy, chunk_size)
+        for row_logits, row_ids in zip(logits, input_ids)
+    ]
+    logprobs = torch.stack([lp for lp, _ in rows]) if rows else logits.new_zeros(input_ids.shape, dtype=torch.float32)
+    if not with_entropy:
+        return logprobs, None
+    entropy = torch.stack([ent for _, ent in rows]) if rows else torch.zeros_like(logprobs)
+    return logprobs, entropy

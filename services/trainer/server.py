@@ -1,0 +1,169 @@
+"""The trainer service: gRPC adapter over one TrainerBackend, plus the sending end of weight sync.
+
+    python -m services.trainer --port 50051 --coordinator localhost:50050
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+
+import torch
+
+from rlgrid.v1 import common_pb2 as pb
+from rlgrid.v1 import coordinator_pb2 as cpb
+from rlgrid.v1 import trainer_pb2 as tpb
+from rlgrid.v1 import trainer_pb2_grpc
+from services.common import batches, weight_sync
+from services.common.config import RLConfig, load_config
+from services.common.logs import setup_logging
+from services.common.models import resolve_device
+from services.common.registration import register_forever
+from services.common.rpc import FailedPrecondition, InvalidArgument, ResourceExhausted, Server, handle_errors
+from services.common.tensors import to_wire
+from services.trainer.backend import TrainerBackend
+from services.trainer.backends.fsdp import OutOfMemoryGuidance
+
+log = logging.getLogger("trainer")
+
+
+def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
+    backend = cfg.models.policy_trainer.backend
+    if backend == "fsdp":
+        from services.trainer.backends.fsdp import FSDPBackend
+        return FSDPBackend(cfg, device)
+    raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.backend: TrainerBackend | None = None
+        self.run_id = ""
+        self._transport: weight_sync.WeightTransport | None = None
+        self._lock = threading.Lock()  # one of Train / ComputeLogProbs / SendWeights / Setup at a time
+
+    def _backend(self) -> TrainerBackend:
+        if self.backend is None:
+            raise FailedPrecondition("trainer is not set up; the coordinator calls Setup when a run starts")
+        return self.backend
+
+    @handle_errors
+    def Setup(self, request, context):
+        cfg = load_config(request.config_yaml)
+        with self._lock:
+            log.info("setting up %s backend for %s (run %s)", cfg.models.policy_trainer.backend,
+                     cfg.models.policy_trainer.load, request.run_id)
+            self.backend = build_backend(cfg, self.device)   # a new run starts from fresh weights
+            self.run_id = request.run_id
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+        return self._info()
+
+    @handle_errors
+    def Train(self, request_iterator, context):
+        backend = self._backend()
+        vocab = backend.vocab_size
+        decoded = (batches.from_proto(msg, vocab_size=vocab) for msg in request_iterator)
+        with self._lock:
+            try:
+                metrics = backend.train_step(decoded)
+            except OutOfMemoryGuidance as exc:
+                raise ResourceExhausted(str(exc)) from exc
+        return tpb.StepMetrics(step=backend.step, values=metrics)
+
+    @handle_errors
+    def ComputeLogProbs(self, request, context):
+        backend = self._backend()
+        batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
+        with self._lock:
+            return tpb.LogProbs(logprobs=to_wire(backend.compute_logprobs(batch)))
+
+    @handle_errors
+    def PrepareWeightSync(self, request, context):
+        backend = self._backend()
+        if request.rank != 0:
+            raise InvalidArgument(f"the trainer sends as rank 0, plan says rank {request.rank}")
+        mine = [(p.name, p.shape) for p in backend.param_specs()]
+        theirs = [(p.name, p.shape) for p in weight_sync.specs_from_wire(request.params)]
+        if mine != theirs:
+            diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
+            raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = weight_sync.connect(request, self.device)
+        log.info("joined weight-sync group %s as sender, world size %d", request.group_id, request.world_size)
+        return pb.Empty()
+
+    @handle_errors
+    def SendWeights(self, request, context):
+        backend = self._backend()
+        if self._transport is None or self._transport.plan.group_id != request.group_id:
+            raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
+                                     f"call PrepareWeightSync first")
+        with self._lock:
+            start = time.perf_counter()
+            sent = self._transport.send(backend.full_params())
+        return pb.WeightSyncReply(version=request.version, bytes=sent, seconds=time.perf_counter() - start)
+
+    @handle_errors
+    def SaveCheckpoint(self, request, context):
+        backend = self._backend()
+        if not request.path:
+            raise InvalidArgument("path is empty")
+        extra = json.loads(request.extra_json) if request.extra_json else {}
+        with self._lock:
+            start = time.perf_counter()
+            backend.save_checkpoint(request.path, extra)
+        return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start)
+
+    @handle_errors
+    def GetInfo(self, request, context):
+        return self._info()
+
+    def _info(self) -> tpb.TrainerInfo:
+        if self.backend is None:
+            return tpb.TrainerInfo(device=str(self.device), world_size=1)
+        b = self.backend
+        cfg = getattr(b, "cfg", None)
+        return tpb.TrainerInfo(backend=cfg.models.policy_trainer.backend if cfg else "", step=b.step,
+                               model=cfg.models.policy_trainer.load if cfg else "",
+                               world_size=torch.distributed.get_world_size(), device=str(self.device),
+                               params=weight_sync.specs_to_wire(b.param_specs()), run_id=self.run_id)
+
+
+def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
+          device: str | None = None) -> tuple[Server, TrainerServicer]:
+    dev = torch.device(device) if device else resolve_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)   # NCCL groups and default allocations use this GPU
+    servicer = TrainerServicer(dev)
+    server = Server([(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
+                      tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name)], host=host, port=port)
+    address = advertise or f"localhost:{server.port}"
+    log.info("trainer service on port %d (device %s)", server.port, dev)
+    if coordinator:
+        register_forever(coordinator, cpb.WorkerInfo(kind=cpb.TRAINER, address=address, engine="fsdp",
+                                                     device=str(dev)))
+    return server, servicer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="rlgrid trainer service")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
+    parser.add_argument("--coordinator", help="coordinator host:port to register with")
+    parser.add_argument("--device", help="cpu, cuda, cuda:0 (default: LOCAL_RANK's GPU, else cpu)")
+    args = parser.parse_args()
+    setup_logging("trainer")
+    server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
+                      device=args.device)
+    server.wait()
+
+
+if __name__ == "__main__":
+    main()

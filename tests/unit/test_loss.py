@@ -1,0 +1,237 @@
+"""Tests for services.trainer.loss."""
+
+import math
+
+import pytest
+import torch
+
+from services.trainer.loss import LossConfig, policy_loss, token_logprobs_and_entropy
+
+
+def _grad_of_loss(logprobs, old, adv, mask=None, cfg=LossConfig(), n=None, **kw):
+    lp = logprobs.clone().requires_grad_(True)
+    mask = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask
+    loss, metrics = policy_loss(lp, old, adv, mask, cfg=cfg, num_global_tokens=n or lp.numel(), **kw)
+    loss.backward()
+    return loss, metrics, lp.grad
+
+
+def test_positive_advantage_pushes_logprobs_up_negative_down():
+    old = torch.tensor([-1.0, -2.0])
+    adv = torch.tensor([1.0, -1.0])
+    _, _, grad = _grad_of_loss(old.clone(), old, adv)
+    assert grad[0] < 0 and grad[1] > 0
+    # A gradient descent step on the loss increases the A>0 logprob, decreases the A<0 one.
+    stepped = old - 0.1 * grad
+    assert stepped[0] > old[0] and stepped[1] < old[1]
+
+
+def test_clip_high_ratio_positive_advantage_has_zero_grad_and_counts():
+    old = torch.zeros(4)
+    lp = torch.tensor([math.log(1.5), 0.0, 0.0, 0.0])  # ratio 1.5 > 1.2 on token 0
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    _, metrics, grad = _grad_of_loss(lp, old, adv)
+    assert grad[0] == 0
+    assert (grad[1:] != 0).all()
+    assert metrics["clip_frac"].item() == pytest.approx(1 / 4)
+    assert metrics["pg_loss"].item() == pytest.approx((-1.2 - 1.0 + 1.0 - 1.0) / 4)
+
+
+def test_clip_low_ratio_negative_advantage_has_zero_grad():
+    old = torch.zeros(2)
+    lp = torch.tensor([math.log(0.5), math.log(0.5)])  # ratio 0.5 < 0.8
+    adv = torch.tensor([-1.0, 1.0])
+    _, metrics, grad = _grad_of_loss(lp, old, adv)
+    assert grad[0] == 0
+    assert grad[1] != 0  # A>0 with low ratio is not clipped (pessimistic bound)
+    assert metrics["clip_frac"].item() == pytest.approx(1 / 2)
+
+
+def test_asymmetric_clip_ratios():
+    cfg = LossConfig(pos_clip_ratio=0.28, neg_clip_ratio=0.2)
+    old = torch.zeros(1)
+    # ratio 1.25: clipped under symmetric 0.2 but not under pos_clip_ratio=0.28.
+    lp = torch.tensor([math.log(1.25)])
+    _, m_asym, g_asym = _grad_of_loss(lp, old, torch.ones(1), cfg=cfg)
+    _, m_sym, g_sym = _grad_of_loss(lp, old, torch.ones(1), cfg=LossConfig())
+    assert g_asym[0] != 0 and m_asym["clip_frac"] == 0
+    assert g_sym[0] == 0 and m_sym["clip_frac"] == 1
+    # ratio 0.75 with A<0: 0.75 < 1 - 0.2 → clipped even with the wide upper bound.
+    lp_low = torch.tensor([math.log(0.75)])
+    _, m_low, g_low = _grad_of_loss(lp_low, old, -torch.ones(1), cfg=cfg)
+    assert g_low[0] == 0 and m_low["clip_frac"] == 1
+    # ... while with neg_clip_ratio=0.3 it is not.
+    cfg_wide_neg = LossConfig(pos_clip_ratio=0.2, neg_clip_ratio=0.3)
+    _, m_low2, g_low2 = _grad_of_loss(lp_low, old, -torch.ones(1), cfg=cfg_wide_neg)
+    assert g_low2[0] != 0 and m_low2["clip_frac"] == 0
+
+
+def test_kl_zero_at_reference_positive_elsewhere_and_pulls_toward_ref():
+    cfg = LossConfig(kl_coef=0.5)
+    lp = torch.tensor([-1.0, -1.0, -1.0])
+    ref = torch.tensor([-1.0, -0.5, -2.0])
+    zero_adv = torch.zeros(3)
+    loss_eq, m_eq, _ = _grad_of_loss(lp, lp, zero_adv, cfg=cfg, ref_logprobs=lp.clone())
+    assert m_eq["kl"].item() == 0.0 and loss_eq.item() == 0.0
+
+    loss, m, grad = _grad_of_loss(lp, lp, zero_adv, cfg=cfg, ref_logprobs=ref)
+    expected_kl = sum(math.exp(r - l) - (r - l) - 1 for r, l in zip(ref.tolist(), lp.tolist())) / 3
+    assert m["kl"].item() == pytest.approx(expected_kl)
+    assert m["kl"].item() > 0
+    assert loss.item() == pytest.approx(0.5 * expected_kl)
+    assert grad[0] == 0
+    # descent direction -grad moves logp toward ref
+    assert -grad[1] > 0  # ref above logp → increase
+    assert -grad[2] < 0  # ref below logp → decrease
+
+
+def test_kl_requires_ref_logprobs():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="reference logprobs"):
+        policy_loss(x, x, x, torch.ones(2), cfg=LossConfig(kl_coef=0.1), num_global_tokens=2)
+
+
+def test_entropy_required_when_coef_positive():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="entropy"):
+        policy_loss(x, x, x, torch.ones(2), cfg=LossConfig(entropy_coef=0.1), num_global_tokens=2)
+
+
+def test_entropy_bonus_gradient_increases_entropy():
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 4) * 3).requires_grad_(True)
+    ids = torch.tensor([0, 1, 2, 3, 1])
+    cfg = LossConfig(entropy_coef=1.0)
+    lp, ent = token_logprobs_and_entropy(logits, ids, with_entropy=True)
+    mask = torch.tensor([False, True, True, True, True])
+    # zero advantages: the loss is only -entropy_coef * mean entropy
+    loss, metrics = policy_loss(
+        lp, lp.detach(), torch.zeros(5), mask, cfg=cfg, num_global_tokens=4, entropy=ent
+    )
+    assert metrics["entropy"].item() == pytest.approx(ent[1:].sum().item() / 4)
+    assert loss.item() == pytest.approx(-metrics["entropy"].item())
+    loss.backward()
+    with torch.no_grad():
+        stepped = logits - 0.1 * logits.grad
+        _, ent_after = token_logprobs_and_entropy(stepped, ids, with_entropy=True)
+    assert ent_after[1:].sum() > ent[1:].sum().detach()
+
+
+def test_global_normalisation_microbatches_match_whole_batch():
+    torch.manual_seed(1)
+    n = 11
+    lp = torch.randn(n) * 0.3 - 1.0
+    old = lp + torch.randn(n) * 0.3
+    ref = lp + torch.randn(n) * 0.3
+    adv = torch.randn(n)
+    ent = torch.rand(n)
+    mask = torch.rand(n) > 0.3
+    mask[0] = True
+    cfg = LossConfig(pos_clip_ratio=0.28, neg_clip_ratio=0.2, kl_coef=0.1, entropy_coef=0.01)
+    total = int(mask.sum())
+
+    whole = lp.clone().requires_grad_(True)
+    whole_loss, whole_metrics = policy_loss(
+        whole, old, adv, mask, cfg=cfg, num_global_tokens=total, ref_logprobs=ref, entropy=ent
+    )
+    whole_loss.backward()
+
+    split = lp.clone().requires_grad_(True)
+    acc_loss = 0.0
+    acc_metrics = {}
+    for sl in (slice(0, 3), slice(3, n)):  # micro-batches of different sizes
+        loss, metrics = policy_loss(
+            split[sl], old[sl], adv[sl], mask[sl], cfg=cfg, num_global_tokens=total,
+            ref_logprobs=ref[sl], entropy=ent[sl],
+        )
+        loss.backward()
+        acc_loss += loss.item()
+        for k, v in metrics.items():
+            acc_metrics[k] = acc_metrics.get(k, 0.0) + v.item()
+
+    assert acc_loss == pytest.approx(whole_loss.item(), abs=1e-6)
+    torch.testing.assert_close(split.grad, whole.grad)
+    assert set(acc_metrics) == set(whole_metrics) == {"pg_loss", "kl", "entropy", "clip_frac", "loss"}
+    for k, v in whole_metrics.items():
+        assert acc_metrics[k] == pytest.approx(v.item(), abs=1e-6), k
+    # a micro-batch-local mean would give a different answer
+    local = sum(
+        policy_loss(lp[sl], old[sl], adv[sl], mask[sl], cfg=cfg, num_global_tokens=int(mask[sl].sum()),
+                    ref_logprobs=ref[sl], entropy=ent[sl])[0].item() / 2
+        for sl in (slice(0, 3), slice(3, n))
+    )
+    assert local != pytest.approx(whole_loss.item(), abs=1e-6)
+
+
+def test_loss_mask_excludes_tokens():
+    lp = torch.tensor([-1.0, -1.0, -1.0])
+    old = torch.tensor([-1.0, -1.5, -1.0])
+    adv = torch.tensor([1.0, 5.0, -2.0])
+    mask = torch.tensor([1, 0, 1])
+    loss, metrics, grad = _grad_of_loss(lp, old, adv, mask=mask, n=2)
+    assert grad[1] == 0
+    assert grad[0] != 0 and grad[2] != 0
+    assert loss.item() == pytest.approx((-1.0 + 2.0) / 2)
+    # garbage (inf) in a masked-out token does not leak into the loss
+    lp_bad = lp.clone()
+    lp_bad[1] = float("inf")
+    loss_bad, _ = policy_loss(lp_bad, old, adv, mask, cfg=LossConfig(), num_global_tokens=2)
+    assert loss_bad.item() == pytest.approx(loss.item())
+
+
+def _naive(logits, ids, temperature):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    taken = logp[..., :-1, :].gather(-1, ids[..., 1:].unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)[..., :-1]
+    pad = torch.zeros(*ids.shape[:-1], 1)
+    return torch.cat([pad, taken], -1), torch.cat([pad, ent], -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 1024])
+def test_token_logprobs_match_naive(temperature, chunk_size):
+    torch.manual_seed(2)
+    length, vocab = 9, 13  # L-1 = 8 predicted positions: chunk 3 leaves a ragged tail, chunk 4 divides
+    logits = torch.randn(length, vocab) * 2
+    ids = torch.randint(0, vocab, (length,))
+    lp, ent = token_logprobs_and_entropy(logits, ids, temperature, with_entropy=True, chunk_size=chunk_size)
+    ref_lp, ref_ent = _naive(logits, ids, temperature)
+    assert lp.dtype == torch.float32 and lp.shape == (length,)
+    assert lp[0] == 0 and ent[0] == 0
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    lp_only, none = token_logprobs_and_entropy(logits, ids, temperature, chunk_size=chunk_size)
+    assert none is None
+    torch.testing.assert_close(lp_only, ref_lp)
+
+
+def test_token_logprobs_batched_bf16_and_grad():
+    torch.manual_seed(3)
+    logits = (torch.randn(3, 7, 11) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, 11, (3, 7))
+    lp, ent = token_logprobs_and_entropy(logits, ids, 0.9, with_entropy=True, chunk_size=4)
+    ref_lp, ref_ent = _naive(logits, ids, 0.9)
+    assert lp.shape == ent.shape == (3, 7) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    for b in range(3):
+        row_lp, _ = token_logprobs_and_entropy(logits[b], ids[b], 0.9)
+        torch.testing.assert_close(lp[b], row_lp)
+
+    # gradients through the chunked (recomputed) path equal the naive ones
+    base = torch.randn(2, 6, 5)
+    ids2 = torch.randint(0, 5, (2, 6))
+    a = base.clone().requires_grad_(True)
+    b = base.clone().requires_grad_(True)
+    lp_a, ent_a = token_logprobs_and_entropy(a, ids2, 1.3, with_entropy=True, chunk_size=2)
+    (lp_a.sum() + 0.5 * ent_a.sum()).backward()
+    lp_b, ent_b = _naive(b, ids2, 1.3)
+    (lp_b.sum() + 0.5 * ent_b.sum()).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_token_logprobs_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        token_logprobs_and_entropy(torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        token_logprobs_and_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), temperature=0.0)

@@ -1,0 +1,166 @@
+"""Tests for services.common.rpc: auth, health, reflection, error mapping and message limits."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from rlgrid.v1 import common_pb2 as pb
+from rlgrid.v1 import rollout_pb2 as rpb
+from rlgrid.v1 import rollout_pb2_grpc
+from services.common.rpc import AUTH_ENV, FailedPrecondition, NotFound, Server, handle_errors, make_channel
+from services.rollout.server import RolloutServicer
+
+TOKEN = "s3cret"
+ROLLOUT = rpb.DESCRIPTOR.services_by_name["RolloutService"].full_name
+TIMEOUT = 10
+
+
+class ErrorServicer(RolloutServicer):
+    """RolloutServicer (engine None) whose Setup raises what request.run_id names."""
+
+    @handle_errors
+    def Setup(self, request, context):
+        kind = request.run_id
+        if kind == "ok":
+            return rpb.RolloutInfo(run_id="ok", model=str(len(request.config_yaml)))
+        if kind == "value":
+            raise ValueError("sampling.top_p must be in (0, 1]")
+        if kind == "not_found":
+            raise NotFound("no run 'r-17'")
+        if kind == "precondition":
+            raise FailedPrecondition("engine is not set up")
+        if kind == "internal":
+            raise RuntimeError("kaboom")
+        raise AssertionError(kind)
+
+
+def _server(**kwargs) -> Server:
+    servicer = ErrorServicer("test", torch.device("cpu"))
+    return Server([(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, ROLLOUT)],
+                  host="127.0.0.1", port=0, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_token(monkeypatch):
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+
+
+@pytest.fixture
+def auth_server():
+    server = _server(auth_token=TOKEN)
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture
+def open_server():
+    server = _server(auth_token="")
+    yield server
+    server.stop(0)
+
+
+def _address(server: Server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def test_auth_required_except_for_health(auth_server):
+    address = _address(auth_server)
+    with make_channel(address, auth_token="") as plain:
+        stub = rollout_pb2_grpc.RolloutServiceStub(plain)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetInfo(pb.Empty(), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # streaming RPCs are guarded too
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(rpb.GenerateRequest(n=1), timeout=TIMEOUT))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # health checks need no token
+        health = health_pb2_grpc.HealthStub(plain)
+        for service in ("", ROLLOUT):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with make_channel(address, auth_token="wrong") as wrong:
+        with pytest.raises(grpc.RpcError) as info:
+            rollout_pb2_grpc.RolloutServiceStub(wrong).GetInfo(pb.Empty(), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with make_channel(address, auth_token=TOKEN) as authed:
+        info = rollout_pb2_grpc.RolloutServiceStub(authed).GetInfo(pb.Empty(), timeout=TIMEOUT)
+        assert info.device == "cpu" and info.engine == ""
+
+
+def test_token_from_environment(monkeypatch):
+    monkeypatch.setenv(AUTH_ENV, TOKEN)
+    server = _server()  # auth_token None: taken from the environment
+    try:
+        address = _address(server)
+        with make_channel(address) as channel:  # the client takes it from the environment too
+            assert rollout_pb2_grpc.RolloutServiceStub(channel).GetInfo(pb.Empty(), timeout=TIMEOUT).device == "cpu"
+        with make_channel(address, auth_token="") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                rollout_pb2_grpc.RolloutServiceStub(channel).GetInfo(pb.Empty(), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)
+
+
+def test_reflection_lists_services(auth_server):
+    with make_channel(_address(auth_server), auth_token=TOKEN) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"rlgrid.v1.RolloutService", "grpc.health.v1.Health"} <= services
+
+
+@pytest.mark.parametrize("kind,code,detail", [
+    ("value", grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p must be in (0, 1]"),
+    ("not_found", grpc.StatusCode.NOT_FOUND, "no run 'r-17'"),
+    ("precondition", grpc.StatusCode.FAILED_PRECONDITION, "engine is not set up"),
+    ("internal", grpc.StatusCode.INTERNAL, "RuntimeError: kaboom"),
+])
+def test_handle_errors_maps_exceptions_and_keeps_serving(open_server, kind, code, detail):
+    with make_channel(_address(open_server), auth_token="") as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        for _ in range(2):  # the server survives the error
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Setup(pb.SetupRequest(run_id=kind), timeout=TIMEOUT)
+            assert info.value.code() == code
+            assert info.value.details() == detail
+        assert stub.Setup(pb.SetupRequest(run_id="ok"), timeout=TIMEOUT).run_id == "ok"
+        assert stub.GetInfo(pb.Empty(), timeout=TIMEOUT).device == "cpu"
+
+
+def test_handle_errors_on_a_server_streaming_method(open_server):
+    # the real Generate with no engine: FailedPrecondition raised inside a generator method
+    with make_channel(_address(open_server), auth_token="") as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(rpb.GenerateRequest(n=1), timeout=TIMEOUT))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "Setup" in info.value.details()
+        assert stub.GetInfo(pb.Empty(), timeout=TIMEOUT).device == "cpu"
+
+
+def test_message_size_limit():
+    server = _server(auth_token="", max_message_mb=1)
+    try:
+        # the client allows far more, so the server's own limit is what is tested
+        with make_channel(_address(server), auth_token="", max_message_mb=16) as channel:
+            stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+            small = "x" * (512 * 1024)
+            assert stub.Setup(pb.SetupRequest(run_id="ok", config_yaml=small), timeout=TIMEOUT).model == str(len(small))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Setup(pb.SetupRequest(run_id="ok", config_yaml="x" * (2 * 1024 * 1024)), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # still serving afterwards
+            assert stub.Setup(pb.SetupRequest(run_id="ok", config_yaml=small), timeout=TIMEOUT).run_id == "ok"
+    finally:
+        server.stop(0)
+
+
+def test_client_side_limit_rejects_before_sending(open_server):
+    with make_channel(_address(open_server), auth_token="", max_message_mb=1) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            rollout_pb2_grpc.RolloutServiceStub(channel).Setup(
+                pb.SetupRequest(run_id="ok", config_yaml="x" * (2 * 1024 * 1024)), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
