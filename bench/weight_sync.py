@@ -48,7 +48,8 @@ def raw_broadcast(rank: int, port: int, devices: list[str], nbytes: int, iters: 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=300))
+                            timeout=datetime.timedelta(seconds=300),
+                            device_id=device if device.type == "cuda" else None)
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
     times = []
     for i in range(iters + 2):   # two warm-ups
@@ -110,6 +111,8 @@ def measure_ours(model_dir: str, args) -> dict:
                 "params": sum(int(torch.tensor(list(p.shape)).prod()) for p in info.params),
                 "sync_seconds": [r["sync/seconds"] for r in runs],
                 "send_seconds": [r["sync/send_seconds"] for r in runs],
+                "receive_seconds": [r["sync/receive_seconds"] for r in runs],
+                "commit_seconds": [r["sync/commit_seconds"] for r in runs],
                 "agreement_max_abs_diff": agreement, "rollout_version": pool.call_all("GetInfo", pb.Empty())[0].policy_version}
     finally:
         cluster.stop_all()

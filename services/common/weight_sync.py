@@ -98,8 +98,9 @@ class WeightTransport(abc.ABC):
 
     @abc.abstractmethod
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Receiver: yields (name, tensor) in plan order. A yielded tensor is valid only until the
-        next item is requested: copy it out (into staging) before continuing."""
+        """Receiver: yields (name, tensor) in plan order, in the plan's dtype. The transport owns
+        the memory: a yielded tensor stays valid until the next receive() on this transport, so an
+        engine may stage it without copying and copy it into its weights on commit."""
 
     def close(self) -> None:
         """Releases the group's resources."""
@@ -121,8 +122,8 @@ class BroadcastTransport(WeightTransport):
             raise ValueError(f"weight sync backend must be 'nccl' or 'gloo', got {plan.backend!r}")
         self.buffer_device = device if plan.backend == "nccl" else torch.device("cpu")
         self.buckets = plan_buckets(self.params, plan.bucket_bytes)
-        largest = max((b.nbytes for b in self.buckets), default=0)
-        self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.buffer_device) for _ in range(2)]
+        self._buffers: list[torch.Tensor] = []     # sender: two bucket buffers, packed alternately
+        self._received: torch.Tensor | None = None  # receiver: every bucket end to end
         # The first collective also completes NCCL's lazy communicator setup on every rank.
         self._broadcast(torch.zeros(1, dtype=torch.uint8, device=self.buffer_device)).wait()
 
@@ -133,6 +134,9 @@ class BroadcastTransport(WeightTransport):
 
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         it = iter(tensors)
+        if not self._buffers:
+            largest = max((b.nbytes for b in self.buckets), default=0)
+            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.buffer_device) for _ in range(2)]
         pending: list = [None, None]
         sent = 0
         for b, bucket in enumerate(self.buckets):
@@ -148,8 +152,8 @@ class BroadcastTransport(WeightTransport):
                 if name != meta.name or tuple(tensor.shape) != meta.shape:
                     raise ValueError(f"weight sync: expected {meta.name} {list(meta.shape)}, got {name} "
                                      f"{list(tensor.shape)}; sender and plan disagree")
-                flat = tensor.detach().to(device=self.buffer_device, dtype=meta.dtype).contiguous().view(-1)
-                buf[offset: offset + meta.nbytes].copy_(flat.view(torch.uint8))
+                # one kernel casts and packs straight into the bucket
+                self._view(buf, offset, meta).copy_(tensor.detach())
             pending[slot] = self._broadcast(buf)
             sent += bucket.nbytes
         for work in pending:
@@ -162,17 +166,24 @@ class BroadcastTransport(WeightTransport):
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         if not self.buckets:
             return
-        pending = self._broadcast(self._buffers[0][: self.buckets[0].nbytes])
+        starts = [0]
+        for bucket in self.buckets:
+            starts.append(starts[-1] + -(-bucket.nbytes // _ALIGN) * _ALIGN)
+        if self._received is None:   # broadcasts land in place: no bucket-to-staging copy
+            self._received = torch.empty(starts[-1], dtype=torch.uint8, device=self.buffer_device)
+        works = [self._broadcast(self._received[starts[b]: starts[b] + bucket.nbytes])
+                 for b, bucket in enumerate(self.buckets)]
         for b, bucket in enumerate(self.buckets):
-            pending.wait()
-            buf = self._buffers[b % 2][: bucket.nbytes]
-            if b + 1 < len(self.buckets):  # the next transfer overlaps unpacking this one
-                pending = self._broadcast(self._buffers[(b + 1) % 2][: self.buckets[b + 1].nbytes])
-            elif self.buffer_device.type == "cuda":
-                torch.cuda.synchronize(self.buffer_device)
+            works[b].wait()
+            if self.buffer_device.type == "cuda":
+                torch.cuda.current_stream(self.buffer_device).synchronize()
+            buf = self._received[starts[b]: starts[b] + bucket.nbytes]
             for idx, offset in bucket.entries:
-                meta = self.params[idx]
-                yield meta.name, buf[offset: offset + meta.nbytes].view(meta.dtype).view(meta.shape)
+                yield self.params[idx].name, self._view(buf, offset, self.params[idx])
+
+    @staticmethod
+    def _view(buf: torch.Tensor, offset: int, meta: ParamMeta) -> torch.Tensor:
+        return buf[offset: offset + meta.nbytes].view(meta.dtype).view(meta.shape)
 
     def close(self) -> None:
         if hasattr(self.pg, "shutdown"):

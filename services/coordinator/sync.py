@@ -78,8 +78,12 @@ class WeightSync:
                 except Exception:  # noqa: BLE001 - the replica may be the one that died
                     pass
             raise StepError(f"weight sync to version {version} failed; replicas keep their old version: {errors[0]}")
+        commit_start = time.perf_counter()
         commits = self.rollouts.call_all("CommitWeights", request, timeout=60)
         if any(c.version != version for c in commits):
             raise StepError(f"a replica did not commit version {version}: {[c.version for c in commits]}")
-        return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(send.result().bytes),
-                "sync/send_seconds": send.result().seconds}
+        end = time.perf_counter()
+        return {"sync/seconds": end - start, "sync/bytes": float(send.result().bytes),
+                "sync/send_seconds": send.result().seconds,
+                "sync/receive_seconds": max(f.result().seconds for f in receives),
+                "sync/commit_seconds": end - commit_start}

@@ -51,8 +51,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stage_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copies named tensors into staging; generation keeps using the serving weights.
-        Each tensor is valid only during its iteration step."""
+        """Stages named tensors; generation keeps using the serving weights until commit.
+        The tensors stay valid until the next stage_weights call (the weight-sync transport owns
+        them), so engines may keep references instead of copying."""
 
     @abc.abstractmethod
     def commit_weights(self, version: int) -> int:

@@ -141,8 +141,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     @handle_errors
     def CommitWeights(self, request, context):
+        start = time.perf_counter()
         version = self._engine().commit_weights(request.version)
-        return pb.WeightSyncReply(version=version)
+        return pb.WeightSyncReply(version=version, seconds=time.perf_counter() - start)
 
     @handle_errors
     def AbortWeights(self, request, context):

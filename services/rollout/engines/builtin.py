@@ -107,6 +107,9 @@ class BuiltinEngine(Engine):
 
     # ---- weights ------------------------------------------------------------------------------
     def stage_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        # Staged tensors may alias the transport's receive buffer (valid until its next receive),
+        # so whatever was staged before is void from here on, whether or not this succeeds.
+        self.abort_weights()
         staged = {}
         for name, tensor in tensors:
             param = self._params.get(name)
@@ -114,7 +117,7 @@ class BuiltinEngine(Engine):
                 raise ValueError(f"weight {name!r} is not a parameter of {self.model_path}")
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"weight {name!r}: shape {list(tensor.shape)} != {list(param.shape)}")
-            staged[name] = tensor.to(device=self.device, dtype=param.dtype, copy=True)
+            staged[name] = tensor.to(device=self.device, dtype=param.dtype)   # no copy when they already match
         missing = set(self._params) - set(staged)
         if missing:
             raise ValueError(f"weight update for version {version} lacks {len(missing)} parameters, "

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from services.common.batches import MicroBatch
@@ -172,7 +173,9 @@ class FSDPBackend(TrainerBackend):
 
     def full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            if isinstance(p, DTensor):   # one rank holds everything: no all-gather needed
+                p = p.to_local() if p.device_mesh.size() == 1 else p.full_tensor()
+            yield name, p.detach()
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
