@@ -90,11 +90,29 @@ class RolloutPool:
                                     "retrying its prompts elsewhere" if attempt < self.retries else "no retries left")
                         failed.append((replica, error))
             todo = [g for g in range(len(prompts)) if g not in done]
+            dead = {f[0] for f in failed}
+            healthy = [r for r in healthy if r not in dead] or healthy
+            self.drop(dead)
             if not todo:
                 return [s for g in range(len(prompts)) for s in done[g]]
-            healthy = [r for r in healthy if r not in {f[0] for f in failed}] or healthy
         raise StepError(f"generation failed for {len(todo)} prompts after {self.retries + 1} attempts "
                         f"(runtime_args.step_retries={self.retries}): {failed[-1][1] if failed else 'incomplete'}")
+
+    def drop(self, replicas) -> None:
+        """Forgets failed replicas (never the last one); the weight sync then rebuilds its group."""
+        keep = [r for r in self.replicas if r not in replicas]
+        if keep and len(keep) < len(self.replicas):
+            log.warning("dropping rollout replicas %s", [r.address for r in self.replicas if r not in keep])
+            self.replicas = keep
+
+    def unreachable(self, timeout: float = 5.0) -> list[Rollout]:
+        dead = []
+        for r in self.replicas:
+            try:
+                r.stub.GetInfo(pb.Empty(), timeout=timeout)
+            except grpc.RpcError:
+                dead.append(r)
+        return dead
 
     @staticmethod
     def _generate_on(replica: Rollout, shard: list[int], prompts, sampling, n, tag):

@@ -58,6 +58,7 @@ def run_grpo(ctx: RunContext) -> None:
         version += len(train)
         with timer("sync"):
             synced = ctx.sync.sync(version)
-        run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer))
+        run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer,
+                                           ctx.rollouts.discarded))
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
             ctx.trainer.save_checkpoint(os.path.join(run.run_dir, f"checkpoint-{step}"), step, sampler.position)

@@ -47,7 +47,7 @@ class Scheduler:
         while True:
             run, cfg = self.queue.get()
             while run.state == cpb.PENDING and not run.stop_requested:
-                trainers, rollouts = self.workers.alive(cpb.TRAINER), self.workers.alive(cpb.ROLLOUT)
+                trainers, rollouts = self.workers.serving(cpb.TRAINER), self.workers.serving(cpb.ROLLOUT)
                 if trainers and rollouts:
                     break
                 self.workers.changed.wait(timeout=1.0)

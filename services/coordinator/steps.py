@@ -109,7 +109,7 @@ class Timer:
 
 
 def step_metrics(samples: list[GenSample], rewards: torch.Tensor, train: list[dict[str, float]],
-                 agreement: float, sync: dict[str, float], timer: Timer) -> dict[str, float]:
+                 agreement: float, sync: dict[str, float], timer: Timer, discarded: int) -> dict[str, float]:
     lengths = [len(s.response_ids) for s in samples]
     merged: dict[str, float] = {}
     for m in train:   # sums over optimizer steps for counters, means for the rest
@@ -123,5 +123,6 @@ def step_metrics(samples: list[GenSample], rewards: torch.Tensor, train: list[di
             "response/truncated_frac": sum(s.finish_reason == pb.LENGTH for s in samples) / len(samples),
             "rollout/policy_version": float(min(s.version for s in samples)),
             "rollout/replicas": float(len({s.replica for s in samples})),
+            "rollout/discarded_samples_total": float(discarded),   # cut short by a failed replica, regenerated
             "rollout/tokens_per_s": sum(lengths) / max(timer.seconds.get("time/rollout", 0.0), 1e-9),
             "agreement/max_abs_diff": agreement, **means, **sync, **timer.seconds, "time/step": total}

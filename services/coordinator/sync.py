@@ -21,6 +21,7 @@ class WeightSync:
         self.bucket_bytes = bucket_mb * 1024 * 1024
         self.timeout_s = timeout_s
         self.group_id: str | None = None
+        self._members: list = []    # the replicas the group was built for
 
     def _plan(self) -> list[pb.WeightSyncPlan]:
         tinfo = self.trainer.stub.GetInfo(pb.Empty())
@@ -50,14 +51,25 @@ class WeightSync:
             futures = [pool.submit(m.PrepareWeightSync, plan, timeout=self.timeout_s) for m, plan in zip(members, plans)]
             for f in futures:
                 f.result()
-        self.group_id = plans[0].group_id
+        self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)
         log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(members) - 1,
                  plans[0].backend)
 
     def sync(self, version: int) -> dict[str, float]:
-        """Every replica serves `version` afterwards, or (on error) still its old version."""
+        """Every replica serves `version` afterwards, or (on error) still its old version. A replica
+        that stopped answering is dropped and the sync retried once without it."""
+        try:
+            return self._sync(version)
+        except StepError:
+            dead = self.rollouts.unreachable()
+            if not dead or len(dead) == len(self.rollouts.replicas):
+                raise
+            self.rollouts.drop(dead)
+            return self._sync(version)
+
+    def _sync(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
-        if self.group_id is None:
+        if self.group_id is None or self._members != self.rollouts.replicas:
             self._prepare()
         request = pb.WeightSyncRequest(group_id=self.group_id, version=version)
         replicas = self.rollouts.replicas

@@ -5,7 +5,7 @@ import threading
 import time
 
 from rlgrid.v1 import coordinator_pb2 as cpb
-from services.common.rpc import InvalidArgument
+from services.common.rpc import InvalidArgument, wait_healthy
 
 # Services re-register every 5 s; one silent for this long is considered gone.
 STALE_AFTER_S = 30.0
@@ -36,3 +36,15 @@ class WorkerRegistry:
             return sorted((w for w, seen in self._workers.values()
                            if now - seen < STALE_AFTER_S and (kind is None or w.kind == kind)),
                           key=lambda w: w.address)
+
+    def serving(self, kind: int, timeout: float = 2.0) -> list[cpb.WorkerInfo]:
+        """Registered workers of `kind` that answer a health check now (a killed one can still
+        look registered for STALE_AFTER_S)."""
+        serving = []
+        for w in self.alive(kind):
+            try:
+                wait_healthy(w.address, timeout=timeout)
+                serving.append(w)
+            except Exception:  # noqa: BLE001 - unreachable, or not serving
+                pass
+        return serving

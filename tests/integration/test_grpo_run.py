@@ -112,3 +112,33 @@ def test_restarted_coordinator_lists_runs(services, tmp_path):
         assert len(replay) == finished.step
     finally:
         services.cluster.stop(other)
+
+
+def test_run_survives_a_replica_dying(services, toy, demo_yaml, tmp_path):
+    """A third replica is killed mid-run: its prompts are regenerated elsewhere, it leaves the
+    weight-sync group, and the run finishes on the other two with nothing trained twice."""
+    extra = services.cluster.start("rollout-extra", "services.rollout", "--coordinator",
+                                   services.coordinator.address, "--device", "cpu")
+    services.cluster.wait_healthy(extra)
+    services.rollouts.append(extra)
+    try:
+        services.wait_workers()
+    finally:
+        services.rollouts.remove(extra)
+    coord = services.coord()
+    overrides = demo_overrides(toy, str(tmp_path), **{"runtime_args.num_episode": 8})
+    run = coord.StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
+    events = coord.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=300)
+    steps = []
+    for e in events:
+        if e.metrics:
+            steps.append(e.metrics)
+            if len(steps) == 2:
+                services.cluster.stop(extra)    # killed between or during steps 3's calls
+    info = coord.GetRun(cpb.RunRef(run_id=run.run_id))
+    assert info.state == cpb.FINISHED, info.error
+    assert [m["rollout/replicas"] for m in steps[:2]] == [3, 3]
+    assert steps[-1]["rollout/replicas"] == 2
+    assert all(m["agreement/max_abs_diff"] < 1e-3 for m in steps)
+    # the policy version still advances by exactly the optimizer steps taken
+    assert [m["rollout/policy_version"] for m in steps] == [2 * i for i in range(8)]
