@@ -212,8 +212,6 @@ _RANGES: list[_Check] = [
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
 _TRAINER_TODO = "{key}={value} is accepted but not implemented by the {backend} backend yet"
 NOT_IMPLEMENTED: list[tuple[str, Callable[[Any, RLConfig], bool], str]] = [
-    ("models.policy.engine", lambda v, c: v == "vllm",
-     "{key}={value}: rollout backend 'vllm' not implemented yet; use {key}=builtin"),
     ("models.policy_trainer.backend", lambda v, c: v == "megatron",
      "{key}={value}: trainer backend 'megatron' not implemented yet; use {key}=fsdp"),
     ("models.policy.tensor_model_parallel_size",
@@ -238,6 +236,10 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
     ]
     errors = [f"{a}={_get(cfg, a)} must be divisible by {b}={_get(cfg, b)}{why}"
               for a, b, applies, why in divisible if applies and _get(cfg, a) % _get(cfg, b)]
+    if pol.engine == "vllm" and (pol.top_p < 1.0 or pol.top_k > 0):
+        errors.append(f"models.policy.top_p={pol.top_p} / models.policy.top_k={pol.top_k} are not supported with "
+                      "models.policy.engine=vllm (its logprobs would be those of the filtered distribution, "
+                      "which the trainer's cannot match); use models.policy.top_p=1.0 and models.policy.top_k=-1")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length
     if tr.packing and tr.max_token_in_packing < sample_len:
         errors.append(f"models.policy_trainer.max_token_in_packing={tr.max_token_in_packing}"

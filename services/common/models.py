@@ -63,3 +63,13 @@ def load_tokenizer(path: str, key: str = "models.policy.load"):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{key}={path!r}: no tokenizer could be loaded: {exc}") from exc
+
+
+def hf_param_specs(path: str, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the HF model's parameters, in named_parameters order, without allocating
+    (meta device). Engines that keep weights in their own layout (vLLM fuses qkv) still speak HF
+    names on the weight-sync wire."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]

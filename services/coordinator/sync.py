@@ -37,12 +37,15 @@ class WeightSync:
                             f"must be the same architecture")
         wire = [pb.ParamSpec(name=t.name, shape=t.shape, dtype=by_name[0][t.name][1]) for t in tinfo.params]
         on_gpu = tinfo.device.startswith("cuda") and all(r.device.startswith("cuda") for r in rinfos)
-        group_id = self.rendezvous.new_group_id()
-        common = dict(group_id=group_id, transport="broadcast", backend="nccl" if on_gpu else "gloo",
-                      rendezvous_host=self.rendezvous.host, rendezvous_port=self.rendezvous.port,
-                      world_size=1 + len(rinfos), params=wire, bucket_bytes=self.bucket_bytes,
-                      timeout_s=self.timeout_s)
-        return [pb.WeightSyncPlan(rank=rank, **common) for rank in range(1 + len(rinfos))]
+        ranks, world_size = [0], 1   # the trainer sends as rank 0
+        for r in rinfos:              # a replica with k receiving processes takes k consecutive ranks
+            ranks.append(world_size)
+            world_size += max(r.sync_ranks, 1)
+        common = dict(group_id=self.rendezvous.new_group_id(), transport="broadcast",
+                      backend="nccl" if on_gpu else "gloo", rendezvous_host=self.rendezvous.host,
+                      rendezvous_port=self.rendezvous.port, world_size=world_size, params=wire,
+                      bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s)
+        return [pb.WeightSyncPlan(rank=rank, **common) for rank in ranks]
 
     def _prepare(self) -> None:
         plans = self._plan()

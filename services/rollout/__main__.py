@@ -1,3 +1,4 @@
 from services.rollout.server import main
 
-main()
+if __name__ == "__main__":   # vLLM spawns worker processes that re-import the main module
+    main()

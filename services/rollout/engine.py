@@ -8,6 +8,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from rlgrid.v1 import common_pb2 as pb
+from services.common import weight_sync
 from services.common.weight_sync import ParamMeta
 
 
@@ -40,10 +42,47 @@ class EngineInfo:
     vocab_size: int
     eos_token_id: int
     params: list[ParamMeta] = field(default_factory=list)
+    sync_ranks: int = 1   # ranks this replica takes in a weight-sync group (one per receiving process)
 
 
 class Engine(abc.ABC):
-    """Generates with the serving weights; receives new weights in two phases (stage, commit)."""
+    """Generates with the serving weights; receives new weights in two phases (stage, commit).
+
+    Weight-sync membership lives here too: by default the service process itself joins the group
+    and stages what it receives (the built-in engine). An engine whose weights live in other
+    processes (vLLM's workers) overrides join/receive so each of those processes joins instead.
+    """
+
+    device: torch.device
+    _transport: weight_sync.WeightTransport | None = None
+
+    def join_weight_sync(self, plan: pb.WeightSyncPlan) -> None:
+        """Joins the group as `plan.rank` (.. + sync_ranks - 1); blocks until every member joined."""
+        self.leave_weight_sync()
+        self._transport = weight_sync.connect(plan, self.device)
+
+    def leave_weight_sync(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    @property
+    def weight_sync_group(self) -> str | None:
+        return self._transport.plan.group_id if self._transport is not None else None
+
+    def receive_weights(self, version: int) -> int:
+        """Receives a full set of weights from the group into staging; returns bytes received."""
+        if self._transport is None:
+            raise RuntimeError("not in a weight-sync group")
+        nbytes = 0
+
+        def counted():
+            nonlocal nbytes
+            for name, tensor in self._transport.receive():
+                nbytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+        self.stage_weights(counted(), version)
+        return nbytes
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:

@@ -51,7 +51,6 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.engine = engine
         self.run_id = ""
         self._config_key: tuple | None = None
-        self._transport: weight_sync.WeightTransport | None = None
         self._setup_lock = threading.Lock()
 
     def _engine(self) -> Engine:
@@ -100,8 +99,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @handle_errors
     def PrepareWeightSync(self, request, context):
         engine = self._engine()
-        if request.rank < 1 or request.rank >= request.world_size:
-            raise InvalidArgument(f"rank must be in [1, world_size) for a rollout replica, got {request.rank}")
+        last = request.rank + engine.info().sync_ranks - 1
+        if request.rank < 1 or last >= request.world_size:
+            raise InvalidArgument(f"rank must be in [1, world_size) for a rollout replica (it takes "
+                                  f"{engine.info().sync_ranks} ranks), got {request.rank} of {request.world_size}")
         mine = {p.name: p for p in engine.info().params}
         theirs = weight_sync.specs_from_wire(request.params)
         for spec in theirs:
@@ -112,31 +113,18 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                                       f"and rollout must load the same architecture (models.policy.load)")
         if len(theirs) != len(mine):
             raise InvalidArgument(f"params: plan has {len(theirs)} parameters, this replica's model {len(mine)}")
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-        self._transport = weight_sync.connect(request, self.device)
+        engine.join_weight_sync(request)
         log.info("joined weight-sync group %s as rank %d/%d", request.group_id, request.rank, request.world_size)
         return pb.Empty()
 
-    def _check_group(self, request) -> weight_sync.WeightTransport:
-        if self._transport is None or self._transport.plan.group_id != request.group_id:
-            raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
-                                     f"call PrepareWeightSync first")
-        return self._transport
-
     @handle_errors
     def ReceiveWeights(self, request, context):
-        transport = self._check_group(request)
+        engine = self._engine()
+        if engine.weight_sync_group != request.group_id:
+            raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
+                                     f"call PrepareWeightSync first")
         start = time.perf_counter()
-        nbytes = 0
-
-        def counted():
-            nonlocal nbytes
-            for name, tensor in transport.receive():
-                nbytes += tensor.numel() * tensor.element_size()
-                yield name, tensor
-        self._engine().stage_weights(counted(), request.version)
+        nbytes = engine.receive_weights(request.version)
         return pb.WeightSyncReply(version=request.version, bytes=nbytes, seconds=time.perf_counter() - start)
 
     @handle_errors
@@ -160,7 +148,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         i = self.engine.info()
         return rpb.RolloutInfo(engine=i.engine, model=i.model, policy_version=self.engine.version, device=i.device,
                                params=weight_sync.specs_to_wire(i.params), vocab_size=i.vocab_size,
-                               eos_token_id=i.eos_token_id, dtype=i.dtype, run_id=self.run_id)
+                               eos_token_id=i.eos_token_id, dtype=i.dtype, run_id=self.run_id,
+                               sync_ranks=i.sync_ranks)
 
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
@@ -177,7 +166,7 @@ def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coo
     log.info("rollout service on port %d (device %s)", server.port, dev)
     if coordinator:
         register_forever(coordinator, cpb.WorkerInfo(kind=cpb.ROLLOUT, address=servicer.address,
-                                                     engine="builtin", device=str(dev)))
+                                                     device=str(dev)))
     return server, servicer
 
 

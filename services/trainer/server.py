@@ -146,7 +146,7 @@ def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coo
     address = advertise or f"localhost:{server.port}"
     log.info("trainer service on port %d (device %s)", server.port, dev)
     if coordinator:
-        register_forever(coordinator, cpb.WorkerInfo(kind=cpb.TRAINER, address=address, engine="fsdp",
+        register_forever(coordinator, cpb.WorkerInfo(kind=cpb.TRAINER, address=address,
                                                      device=str(dev)))
     return server, servicer
 
