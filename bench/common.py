@@ -25,3 +25,11 @@ def write_result(path: str | None, result: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def pin_gpu(device: str) -> tuple[dict, str]:
+    """Environment and --device for a service that should own exactly `device`: vLLM places its
+    workers on the first visible GPUs, so a GPU service sees only its own (as cuda:0)."""
+    if device.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}, "cuda:0"
+    return {}, device

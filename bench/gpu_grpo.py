@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine, write_result  # noqa: E402
+from bench.common import machine, pin_gpu, write_result  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
 from rlgrid.v1 import coordinator_pb2_grpc  # noqa: E402
 from services.common.rpc import make_channel  # noqa: E402
@@ -27,26 +27,31 @@ def main() -> None:
     parser.add_argument("--rollout-devices", nargs="+", default=["cuda:1"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.5, help="runtime_args.logprob_diff_threshold (bf16)")
+    parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"], help="models.policy.engine")
     parser.add_argument("--out")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rlgrid-gpu-")
     data = make_toy_dataset(os.path.join(work, "toy.jsonl"), n=256)
-    model = build_tiny_model(os.path.join(work, "model"), toy_vocabulary(), with_weights=False, hidden=512,
-                             layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1024)
+    # vLLM loads weights from disk, so that model directory has them (random, seeded)
+    model = build_tiny_model(os.path.join(work, "model"), toy_vocabulary(), with_weights=args.engine == "vllm",
+                             hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1024)
     cluster = LocalCluster(os.path.join(work, "logs"))
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)
-        cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", args.trainer_device)
-        for i, dev in enumerate(args.rollout_devices):
-            cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coord.address, "--device", dev)
+        env, dev = pin_gpu(args.trainer_device)
+        cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", dev, env=env)
+        for i, device in enumerate(args.rollout_devices):
+            env, dev = pin_gpu(device)
+            cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coord.address, "--device", dev, env=env)
         for proc in cluster.procs:
             cluster.wait_healthy(proc)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coord.address))
         overrides = [f"runtime_args.data_path={data}", f"models.policy.load={model}",
                      f"runtime_args.output_dir={work}/out", f"runtime_args.num_episode={args.steps}",
                      f"runtime_args.logprob_diff_threshold={args.threshold}", "runtime_args.agreement_samples=16",
-                     "models.policy.dtype=auto", "models.policy_trainer.dtype=auto",
+                     "models.policy.dtype=auto", "models.policy_trainer.dtype=auto", f"models.policy.engine={args.engine}",
+                     "models.policy.gpu_memory_utilization=0.5",
                      "models.policy_trainer.optimizer.lr=0.001"]
         with open(os.path.join(ROOT, "configs", "demo_cpu.yaml")) as f:
             run = stub.StartRun(cpb.StartRunRequest(config_yaml=f.read(), overrides=overrides))
@@ -58,7 +63,7 @@ def main() -> None:
         cluster.stop_all()
     steps = [dict(e.metrics) for e in events if e.metrics]
     write_result(args.out, {
-        "benchmark": "gpu_grpo", "machine": machine(), "command": " ".join(["python"] + sys.argv),
+        "benchmark": "gpu_grpo", "engine": args.engine, "machine": machine(), "command": " ".join(["python"] + sys.argv),
         "state": cpb.RunState.Name(info.state), "error": info.error, "weight_sync_backend": backend,
         "dtype": "bfloat16 (trainer: fp32 master weights, bf16 compute; rollout: bf16)",
         "max_agreement_diff": max((s["agreement/max_abs_diff"] for s in steps), default=None),

@@ -20,6 +20,7 @@ AUTH_ENV = "RLGRID_AUTH_TOKEN"
 # by the sender with an error naming runtime_args.grpc_max_message_mb.
 DEFAULT_MAX_MESSAGE_MB = int(os.environ.get("RLGRID_GRPC_MAX_MESSAGE_MB", "64"))
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_ERROR_CHARS = 2000
 
 
 class RpcError(Exception):
@@ -66,7 +67,11 @@ def handle_errors(method: Callable) -> Callable:
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method.__qualname__)
-        context.abort(code, f"{type(exc).__name__}: {exc}" if code == grpc.StatusCode.INTERNAL else str(exc))
+        message = f"{type(exc).__name__}: {exc}" if code == grpc.StatusCode.INTERNAL else str(exc)
+        if len(message) > MAX_ERROR_CHARS:   # status details travel as metadata, which gRPC caps at 8 KiB
+            log.error("%s: %s", method.__qualname__, message)
+            message = message[:MAX_ERROR_CHARS] + " ... (cut; the service log has all of it)"
+        context.abort(code, message)
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)

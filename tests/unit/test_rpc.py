@@ -34,6 +34,8 @@ class ErrorServicer(RolloutServicer):
             raise FailedPrecondition("engine is not set up")
         if kind == "internal":
             raise RuntimeError("kaboom")
+        if kind == "huge":   # e.g. vLLM's error listing every architecture it supports
+            raise ValueError("models.policy.load='x': vLLM could not load it: " + "Arch, " * 5000)
         raise AssertionError(kind)
 
 
@@ -128,6 +130,15 @@ def test_handle_errors_maps_exceptions_and_keeps_serving(open_server, kind, code
             assert info.value.details() == detail
         assert stub.Setup(pb.SetupRequest(run_id="ok"), timeout=TIMEOUT).run_id == "ok"
         assert stub.GetInfo(pb.Empty(), timeout=TIMEOUT).device == "cpu"
+
+
+def test_huge_error_messages_are_cut_not_turned_into_resource_exhausted(open_server):
+    """Status details travel as metadata (8 KiB cap); a longer message must not change the code."""
+    with make_channel(_address(open_server), auth_token="") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            rollout_pb2_grpc.RolloutServiceStub(channel).Setup(pb.SetupRequest(run_id="huge"), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("models.policy.load='x'") and "service log" in info.value.details()
 
 
 def test_handle_errors_on_a_server_streaming_method(open_server):

@@ -29,6 +29,9 @@ class VLLMEngine(Engine):
         self.model_path, self.device, self.dtype = model_path, device, dtype
         self.tp = tensor_parallel_size
         self.enforce_eager = enforce_eager
+        if device.type == "cuda" and (device.index or 0) != 0:
+            raise ValueError(f"vLLM places its workers on the first visible GPUs, not on {device}: start this "
+                             f"rollout service with CUDA_VISIBLE_DEVICES={device.index} and --device cuda:0")
         if device.type == "cuda" and tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"models.policy.tensor_model_parallel_size={tensor_parallel_size} is larger than the "
                              f"{torch.cuda.device_count()} GPUs this rollout service sees")
