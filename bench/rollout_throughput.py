@@ -86,12 +86,15 @@ def main() -> None:
     cfg = load_config(overrides=overrides)
     result = {"benchmark": "rollout_throughput", "engine": args.engine, "model": args.model, "machine": machine(),
               "command": " ".join(["python"] + sys.argv), "num_seqs": args.num_seqs, "prompt_len": args.prompt_len,
-              "max_tokens": args.max_tokens, "in_process_device": args.device, "service_device": service_device}
+              "max_tokens": args.max_tokens, "in_process_device": args.device, "service_device": service_device,
+              "threads": torch.get_num_threads()}
 
     # the service first: its process owns its device while the in-process engine starts
     cluster = LocalCluster(os.path.join(work, "logs"))
     try:
         env, dev = pin_gpu(service_device)
+        # the same intra-op threads as this process, where the in-process engine runs
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         proc = cluster.start("rollout", "services.rollout", "--device", dev, env=env)
         cluster.wait_healthy(proc)
         stub = rollout_pb2_grpc.RolloutServiceStub(make_channel(proc.address))
