@@ -13,7 +13,11 @@ from typing import Sequence
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
-from services.common.packing import best_fit_decreasing, cu_seqlens_for, fixed_size_batches
+from services.common.packing import (
+    best_fit_decreasing,
+    cu_seqlens_for,
+    fixed_size_batches,
+)
 from services.common.tensors import from_wire, to_wire
 
 # Upper bound on tokens in one micro-batch accepted from the wire (1M tokens); larger is a bug.

@@ -12,8 +12,8 @@ import torch
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import rollout_pb2 as rpb
-from rlgrid.v1 import trainer_pb2 as tpb
 from rlgrid.v1 import rollout_pb2_grpc, trainer_pb2_grpc
+from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches
 from services.common.rpc import make_channel
 from services.common.tensors import from_wire, ids_to_wire

@@ -20,6 +20,7 @@ from services.common.tiny_model import build_tiny_model
 from services.coordinator.data import make_toy_dataset, toy_vocabulary
 from services.coordinator.local import ROOT, LocalCluster
 from services.coordinator.plot import plot_run, read_metrics
+
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 
 

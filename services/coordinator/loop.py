@@ -11,8 +11,16 @@ from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
 from services.coordinator.rewards import get_reward
 from services.coordinator.runs import Run
-from services.coordinator.steps import (Timer, encode_prompts, logprob_agreement, optimizer_steps, sampling_params,
-                                        score, step_metrics, to_sequences)
+from services.coordinator.steps import (
+    Timer,
+    encode_prompts,
+    logprob_agreement,
+    optimizer_steps,
+    sampling_params,
+    score,
+    step_metrics,
+    to_sequences,
+)
 from services.coordinator.sync import WeightSync
 
 

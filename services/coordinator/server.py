@@ -10,7 +10,6 @@ import logging
 import os
 import queue
 import threading
-import time
 
 import grpc
 
@@ -20,7 +19,13 @@ from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.config import RLConfig, config_to_yaml, load_config
 from services.common.logs import setup_logging
 from services.common.models import load_tokenizer
-from services.common.rpc import FailedPrecondition, InvalidArgument, NotFound, Server, handle_errors, wait_healthy
+from services.common.rpc import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Server,
+    handle_errors,
+)
 from services.common.weight_sync import Rendezvous
 from services.coordinator import metrics
 from services.coordinator.clients import RolloutPool, TrainerClient
@@ -134,25 +139,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if finished and sent == len(run.events):
                 return
 
-    @handle_errors
-    def PauseRun(self, request, context):
-        run = self._run(request.run_id)
+    def _set_paused(self, run_id: str, paused: bool) -> cpb.RunInfo:
+        run = self._run(run_id)
         with run.cond:
             if run.state in TERMINAL:
                 raise FailedPrecondition(f"run {run.run_id} has ended ({cpb.RunState.Name(run.state)})")
-            run.pause_requested = True
+            run.pause_requested = paused   # the loop acts on it at its next control point
             run.cond.notify_all()
         return run.to_proto()
 
     @handle_errors
+    def PauseRun(self, request, context):
+        return self._set_paused(request.run_id, True)
+
+    @handle_errors
     def ResumeRun(self, request, context):
-        run = self._run(request.run_id)
-        with run.cond:
-            if run.state in TERMINAL:
-                raise FailedPrecondition(f"run {run.run_id} has ended ({cpb.RunState.Name(run.state)})")
-            run.pause_requested = False
-            run.cond.notify_all()
-        return run.to_proto()
+        return self._set_paused(request.run_id, False)
 
     @handle_errors
     def StopRun(self, request, context):

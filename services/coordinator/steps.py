@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
-from services.common.batches import MicroBatch, TrainSequence, make_micro_batch, split_into_micro_batches
+from services.common.batches import (
+    MicroBatch,
+    TrainSequence,
+    make_micro_batch,
+    split_into_micro_batches,
+)
 from services.common.config import RLConfig
 from services.coordinator.clients import GenSample, StepError, TrainerClient
 from services.coordinator.data import PromptRecord

@@ -4,11 +4,9 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
-import uuid
 
 import torch
 
@@ -19,10 +17,14 @@ from rlgrid.v1 import rollout_pb2_grpc
 from services.common import weight_sync
 from services.common.config import load_config
 from services.common.logs import setup_logging
-from services.common.models import resolve_device
-from services.common.registration import register_forever
-from services.common.rpc import FailedPrecondition, InvalidArgument, Server, handle_errors
+from services.common.rpc import (
+    FailedPrecondition,
+    InvalidArgument,
+    Server,
+    handle_errors,
+)
 from services.common.tensors import from_wire, to_wire
+from services.common.worker import start_worker, worker_device, worker_parser
 from services.rollout.engine import Engine, Sampling
 from services.rollout.engines import build_engine
 
@@ -154,30 +156,20 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
           config_path: str | None = None, device: str | None = None) -> tuple[Server, RolloutServicer]:
-    dev = torch.device(device) if device else resolve_device()
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)   # NCCL groups and default allocations use this GPU
+    dev = worker_device(device)
     servicer = RolloutServicer("", dev)
     if config_path:
         servicer.engine = build_engine(load_config(path=config_path), dev)
-    server = Server([(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer,
-                      rpb.DESCRIPTOR.services_by_name["RolloutService"].full_name)], host=host, port=port)
-    servicer.address = advertise or f"localhost:{server.port}"
-    log.info("rollout service on port %d (device %s)", server.port, dev)
-    if coordinator:
-        register_forever(coordinator, cpb.WorkerInfo(kind=cpb.ROLLOUT, address=servicer.address,
-                                                     device=str(dev)))
+    server, servicer.address = start_worker(
+        cpb.ROLLOUT, (rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer,
+                      rpb.DESCRIPTOR.services_by_name["RolloutService"].full_name),
+        host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev)
     return server, servicer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="rlgrid rollout service")
-    parser.add_argument("--port", type=int, default=50052)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
-    parser.add_argument("--coordinator", help="coordinator host:port to register with")
+    parser = worker_parser("rollout", 50052)
     parser.add_argument("--config", help="YAML to set the engine up at start (else the run's Setup does)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
     args = parser.parse_args()
     setup_logging("rollout")
     server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,

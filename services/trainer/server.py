@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import threading
@@ -19,10 +18,15 @@ from rlgrid.v1 import trainer_pb2_grpc
 from services.common import batches, weight_sync
 from services.common.config import RLConfig, load_config
 from services.common.logs import setup_logging
-from services.common.models import resolve_device
-from services.common.registration import register_forever
-from services.common.rpc import FailedPrecondition, InvalidArgument, ResourceExhausted, Server, handle_errors
+from services.common.rpc import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Server,
+    handle_errors,
+)
 from services.common.tensors import to_wire
+from services.common.worker import start_worker, worker_device, worker_parser
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance
 
@@ -137,28 +141,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
           device: str | None = None) -> tuple[Server, TrainerServicer]:
-    dev = torch.device(device) if device else resolve_device()
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)   # NCCL groups and default allocations use this GPU
+    dev = worker_device(device)
     servicer = TrainerServicer(dev)
-    server = Server([(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
-                      tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name)], host=host, port=port)
-    address = advertise or f"localhost:{server.port}"
-    log.info("trainer service on port %d (device %s)", server.port, dev)
-    if coordinator:
-        register_forever(coordinator, cpb.WorkerInfo(kind=cpb.TRAINER, address=address,
-                                                     device=str(dev)))
+    server, _ = start_worker(cpb.TRAINER, (trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
+                                           tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name),
+                             host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev)
     return server, servicer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="rlgrid trainer service")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
-    parser.add_argument("--coordinator", help="coordinator host:port to register with")
-    parser.add_argument("--device", help="cpu, cuda, cuda:0 (default: LOCAL_RANK's GPU, else cpu)")
-    args = parser.parse_args()
+    args = worker_parser("trainer", 50051).parse_args()
     setup_logging("trainer")
     server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
                       device=args.device)

@@ -2,7 +2,6 @@ import os
 
 import pytest
 
-from services.common.config import load_config
 from services.common.tiny_model import build_tiny_model
 from services.coordinator.data import make_toy_dataset, toy_vocabulary
 from tests.integration.cluster import ROOT, start_services

@@ -146,6 +146,7 @@ def test_coordinator_bad_requests(services, toy, demo_yaml, tmp_path):
 def test_auth_token_required(services, tmp_path):
     """With RLGRID_AUTH_TOKEN set, every RPC but health needs it."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from rlgrid.v1 import coordinator_pb2_grpc
     proc = services.cluster.start("coordinator-auth", "services.coordinator", "--state-dir", str(tmp_path),
                                   env={"RLGRID_AUTH_TOKEN": "s3cret"})

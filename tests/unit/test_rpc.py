@@ -5,12 +5,21 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import rollout_pb2 as rpb
 from rlgrid.v1 import rollout_pb2_grpc
-from services.common.rpc import AUTH_ENV, FailedPrecondition, NotFound, Server, handle_errors, make_channel
+from services.common.rpc import (
+    AUTH_ENV,
+    FailedPrecondition,
+    NotFound,
+    Server,
+    handle_errors,
+    make_channel,
+)
 from services.rollout.server import RolloutServicer
 
 TOKEN = "s3cret"

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
-from services.common.tensors import MAX_ELEMENTS, TensorError, from_wire, ids_to_wire, to_wire
+from services.common.tensors import (
+    MAX_ELEMENTS,
+    TensorError,
+    from_wire,
+    ids_to_wire,
+    to_wire,
+)
 
 # Every dtype the DType enum names, with the wire enum value it must map to.
 WIRE_DTYPES = [

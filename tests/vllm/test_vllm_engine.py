@@ -165,8 +165,9 @@ def test_ray_channel_timeout_names_enforce_eager():
 
 
 def test_unloadable_model_and_tp_errors_name_the_key(tmp_path):
-    from services.common.tiny_model import build_tiny_model
     import json
+
+    from services.common.tiny_model import build_tiny_model
     bad = build_tiny_model(str(tmp_path / "unknown-arch"), ["a", "b"], head_dim=64)
     with open(os.path.join(bad, "config.json")) as f:
         config = json.load(f)

@@ -1,0 +1,69 @@
+"""What the rollout and trainer services share at start: their command line, their device, and
+announcing themselves to the coordinator (when they start, and again if it restarts)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+import grpc
+import torch
+
+from rlgrid.v1 import coordinator_pb2 as cpb
+from rlgrid.v1 import coordinator_pb2_grpc
+from services.common.models import resolve_device
+from services.common.rpc import Server, make_channel
+
+log = logging.getLogger(__name__)
+
+
+def register_forever(coordinator: str, info: cpb.WorkerInfo, *, interval: float = 5.0) -> threading.Event:
+    """Registers in a daemon thread and re-registers every `interval` seconds (a restarted
+    coordinator learns its workers again; registering is idempotent). Returns a stop event."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coordinator))
+        announced = False
+        while not stop.is_set():
+            try:
+                stub.RegisterWorker(info, timeout=10)
+                if not announced:
+                    log.info("registered with coordinator %s as %s", coordinator, info.address)
+                    announced = True
+            except grpc.RpcError as exc:
+                announced = False
+                log.debug("coordinator %s not reachable yet: %s", coordinator, exc.code())
+            stop.wait(interval)
+
+    threading.Thread(target=loop, name="register", daemon=True).start()
+    return stop
+
+
+def worker_parser(name: str, port: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f"rlgrid {name} service")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
+    parser.add_argument("--coordinator", help="coordinator host:port to register with")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
+    return parser
+
+
+def worker_device(device: str | None) -> torch.device:
+    dev = torch.device(device) if device else resolve_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)   # NCCL groups and default allocations use this GPU
+    return dev
+
+
+def start_worker(kind: int, registration: tuple, *, host: str, port: int, advertise: str | None,
+                 coordinator: str | None, device: torch.device) -> tuple[Server, str]:
+    """Serves one servicer (with reflection, health, auth) and registers it; returns the server and
+    the address the coordinator reaches it at."""
+    server = Server([registration], host=host, port=port)
+    address = advertise or f"localhost:{server.port}"
+    log.info("%s service on port %d (device %s)", cpb.WorkerKind.Name(kind).lower(), server.port, device)
+    if coordinator:
+        register_forever(coordinator, cpb.WorkerInfo(kind=kind, address=address, device=str(device)))
+    return server, address
