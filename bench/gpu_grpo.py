@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.5, help="runtime_args.logprob_diff_threshold (bf16)")
     parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"], help="models.policy.engine")
+    parser.add_argument("--trainer-ranks", type=int, default=1,
+                        help="trainer ranks under torchrun, one per GPU from cuda:0 (then --trainer-device is ignored)")
     parser.add_argument("--out")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rlgrid-gpu-")
@@ -39,8 +41,12 @@ def main() -> None:
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)
-        env, dev = pin_gpu(args.trainer_device)
-        cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", dev, env=env)
+        if args.trainer_ranks > 1:   # rank r on cuda:r (LOCAL_RANK)
+            cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", "cuda",
+                          nproc=args.trainer_ranks)
+        else:
+            env, dev = pin_gpu(args.trainer_device)
+            cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", dev, env=env)
         for i, device in enumerate(args.rollout_devices):
             env, dev = pin_gpu(device)
             cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coord.address, "--device", dev, env=env)
@@ -63,7 +69,7 @@ def main() -> None:
         cluster.stop_all()
     steps = [dict(e.metrics) for e in events if e.metrics]
     write_result(args.out, {
-        "benchmark": "gpu_grpo", "engine": args.engine, "machine": machine(), "command": " ".join(["python"] + sys.argv),
+        "benchmark": "gpu_grpo", "engine": args.engine, "trainer_ranks": args.trainer_ranks, "machine": machine(), "command": " ".join(["python"] + sys.argv),
         "state": cpb.RunState.Name(info.state), "error": info.error, "weight_sync_backend": backend,
         "dtype": "bfloat16 (trainer: fp32 master weights, bf16 compute; rollout: bf16)",
         "max_agreement_diff": max((s["agreement/max_abs_diff"] for s in steps), default=None),

@@ -126,7 +126,10 @@ def main(argv: list[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(claimed)
         print(f"launch: {module} claimed GPU(s) {','.join(claimed)}", file=sys.stderr, flush=True)
     args = with_advertise(module, args)
-    command = [sys.executable, "-m", module, *args]
+    # a trainer given several GPUs runs one rank per GPU under torchrun (rank r on cuda:r)
+    ranks = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}"] \
+        if module == "services.trainer" and count > 1 else []
+    command = [sys.executable, *ranks, "-m", module, *args]
     print(f"launch: {' '.join(command)}", file=sys.stderr, flush=True)
     os.execv(sys.executable, command)
 

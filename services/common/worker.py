@@ -51,7 +51,8 @@ def worker_parser(name: str, port: int) -> argparse.ArgumentParser:
 
 
 def worker_device(device: str | None) -> torch.device:
-    dev = torch.device(device) if device else resolve_device()
+    """`cuda` (or nothing, on a GPU machine) means this rank's GPU: LOCAL_RANK under torchrun."""
+    dev = torch.device(device) if device and device != "cuda" else resolve_device()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)   # NCCL groups and default allocations use this GPU
     return dev

@@ -41,13 +41,17 @@ class LocalCluster:
     def __post_init__(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
 
-    def start(self, name: str, module: str, *args: str, env: dict | None = None, port: int | None = None) -> Proc:
+    def start(self, name: str, module: str, *args: str, env: dict | None = None, port: int | None = None,
+              nproc: int = 1) -> Proc:
+        """nproc > 1 launches the module under torchrun (one process per rank; rank 0 serves)."""
         port = port or free_port()
+        launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1
+                    else [])
         log_path = os.path.join(self.log_dir, f"{name}.log")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
                **(env or {})}
         with open(log_path, "w") as log:
-            popen = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], stdout=log,
+            popen = subprocess.Popen([sys.executable, *launcher, "-m", module, "--port", str(port), *args], stdout=log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
         proc = Proc(name, f"localhost:{port}", popen, log_path)
         self.procs.append(proc)

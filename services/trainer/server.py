@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-
-import torch
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import trainer_pb2 as tpb
 from rlgrid.v1 import trainer_pb2_grpc
 from services.common import batches, weight_sync
-from services.common.config import RLConfig, load_config
+from services.common.config import load_config
 from services.common.logs import setup_logging
 from services.common.rpc import (
     FailedPrecondition,
@@ -29,52 +28,50 @@ from services.common.tensors import to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance
+from services.trainer.ranks import TrainerRanks
 
 log = logging.getLogger("trainer")
 
 
-def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
-    backend = cfg.models.policy_trainer.backend
-    if backend == "fsdp":
-        from services.trainer.backends.fsdp import FSDPBackend
-        return FSDPBackend(cfg, device)
-    raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
-
-
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.backend: TrainerBackend | None = None
+    """Rank 0's gRPC face; every backend call goes through TrainerRanks to all ranks."""
+
+    def __init__(self, ranks: TrainerRanks):
+        self.ranks = ranks
+        self.device = ranks.device
         self.run_id = ""
-        self._transport: weight_sync.WeightTransport | None = None
         self._lock = threading.Lock()  # one of Train / ComputeLogProbs / SendWeights / Setup at a time
 
+    @property
+    def backend(self) -> TrainerBackend | None:
+        return self.ranks.backend
+
     def _backend(self) -> TrainerBackend:
-        if self.backend is None:
+        if self.ranks.backend is None:
             raise FailedPrecondition("trainer is not set up; the coordinator calls Setup when a run starts")
-        return self.backend
+        return self.ranks.backend
 
     @handle_errors
     def Setup(self, request, context):
-        cfg = load_config(request.config_yaml)
+        cfg = load_config(request.config_yaml)   # a bad config is refused before any rank acts on it
         with self._lock:
-            log.info("setting up %s backend for %s (run %s)", cfg.models.policy_trainer.backend,
-                     cfg.models.policy_trainer.load, request.run_id)
-            self.backend = build_backend(cfg, self.device)   # a new run starts from fresh weights
+            log.info("setting up %s backend for %s on %d rank(s) (run %s)", cfg.models.policy_trainer.backend,
+                     cfg.models.policy_trainer.load, self.ranks.world, request.run_id)
+            self._leave_weight_sync()
+            self.ranks.run("setup", request.config_yaml)   # a new run starts from fresh weights
             self.run_id = request.run_id
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
         return self._info()
 
     @handle_errors
     def Train(self, request_iterator, context):
         backend = self._backend()
-        vocab = backend.vocab_size
-        decoded = (batches.from_proto(msg, vocab_size=vocab) for msg in request_iterator)
+        # the whole step is decoded and checked before any rank computes: bad input changes nothing
+        micro_batches = [batches.from_proto(msg, vocab_size=backend.vocab_size) for msg in request_iterator]
+        if not micro_batches:
+            raise InvalidArgument("Train received no micro-batches")
         with self._lock:
             try:
-                metrics = backend.train_step(decoded)
+                metrics = self.ranks.run("train", micro_batches)
             except OutOfMemoryGuidance as exc:
                 raise ResourceExhausted(str(exc)) from exc
         return tpb.StepMetrics(step=backend.step, values=metrics)
@@ -84,7 +81,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         backend = self._backend()
         batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
         with self._lock:
-            return tpb.LogProbs(logprobs=to_wire(backend.compute_logprobs(batch)))
+            return tpb.LogProbs(logprobs=to_wire(self.ranks.run("logprobs", batch)))
 
     @handle_errors
     def PrepareWeightSync(self, request, context):
@@ -96,32 +93,37 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
-        if self._transport is not None:
-            self._transport.close()
-        self._transport = weight_sync.connect(request, self.device)
+        self._leave_weight_sync()
+        self.ranks.transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
         log.info("joined weight-sync group %s as sender, world size %d", request.group_id, request.world_size)
         return pb.Empty()
 
+    def _leave_weight_sync(self) -> None:
+        if self.ranks.transport is not None:
+            self.ranks.transport.close()
+            self.ranks.transport = None
+
     @handle_errors
     def SendWeights(self, request, context):
-        backend = self._backend()
-        if self._transport is None or self._transport.plan.group_id != request.group_id:
+        self._backend()
+        transport = self.ranks.transport
+        if transport is None or transport.plan.group_id != request.group_id:
             raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
                                      f"call PrepareWeightSync first")
         with self._lock:
             start = time.perf_counter()
-            sent = self._transport.send(backend.full_params())
+            sent = self.ranks.run("send_weights")
         return pb.WeightSyncReply(version=request.version, bytes=sent, seconds=time.perf_counter() - start)
 
     @handle_errors
     def SaveCheckpoint(self, request, context):
-        backend = self._backend()
+        self._backend()
         if not request.path:
             raise InvalidArgument("path is empty")
         extra = json.loads(request.extra_json) if request.extra_json else {}
         with self._lock:
             start = time.perf_counter()
-            backend.save_checkpoint(request.path, extra)
+            self.ranks.run("save", request.path, extra)
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start)
 
     @handle_errors
@@ -129,20 +131,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return self._info()
 
     def _info(self) -> tpb.TrainerInfo:
-        if self.backend is None:
-            return tpb.TrainerInfo(device=str(self.device), world_size=1)
-        b = self.backend
+        b = self.ranks.backend
+        if b is None:
+            return tpb.TrainerInfo(device=str(self.device), world_size=self.ranks.world)
         cfg = getattr(b, "cfg", None)
         return tpb.TrainerInfo(backend=cfg.models.policy_trainer.backend if cfg else "", step=b.step,
-                               model=cfg.models.policy_trainer.load if cfg else "",
-                               world_size=torch.distributed.get_world_size(), device=str(self.device),
-                               params=weight_sync.specs_to_wire(b.param_specs()), run_id=self.run_id)
+                               model=cfg.models.policy_trainer.load if cfg else "", world_size=self.ranks.world,
+                               device=str(self.device), params=weight_sync.specs_to_wire(b.param_specs()),
+                               run_id=self.run_id)
 
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
           device: str | None = None) -> tuple[Server, TrainerServicer]:
+    """Rank 0 only; the other ranks of a torchrun launch call TrainerRanks.follow() instead."""
     dev = worker_device(device)
-    servicer = TrainerServicer(dev)
+    servicer = TrainerServicer(TrainerRanks(dev))
     server, _ = start_worker(cpb.TRAINER, (trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                                            tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name),
                              host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev)
@@ -150,8 +153,13 @@ def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coo
 
 
 def main() -> None:
+    """`python -m services.trainer ...` is one rank; `torchrun --nproc-per-node N -m services.trainer ...`
+    is N ranks (one per GPU) behind rank 0's gRPC server."""
     args = worker_parser("trainer", 50051).parse_args()
     setup_logging("trainer")
+    if int(os.environ.get("RANK", "0")) > 0:
+        TrainerRanks(worker_device(args.device)).follow()
+        return
     server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
                       device=args.device)
     server.wait()

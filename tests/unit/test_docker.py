@@ -452,3 +452,19 @@ def test_launcher_lock_survives_exec_until_the_service_exits(tmp_path):
     assert claimed == ["GPU-x"]
     for fd in fds:
         os.close(fd)
+
+
+@pytest.mark.parametrize("module,gpus,torchrun", [("services.trainer", "2", True), ("services.trainer", "1", False),
+                                                  ("services.rollout", "2", False)])
+def test_launcher_runs_a_multi_gpu_trainer_under_torchrun(monkeypatch, module, gpus, torchrun):
+    launch = load_launch()
+    seen = {}
+    monkeypatch.setenv("RLGRID_GPUS", gpus)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")          # pinned by hand: no claiming
+    monkeypatch.setattr(launch.os, "execv", lambda exe, cmd: seen.setdefault("cmd", cmd))
+    launch.main([module, "--port", "50051", "--advertise", "10.0.0.2:50051"])
+    cmd = seen["cmd"]
+    assert ("torch.distributed.run" in cmd) == torchrun
+    assert cmd[cmd.index(module) - 1] == "-m" and cmd[-2:] == ["--advertise", "10.0.0.2:50051"]
+    if torchrun:
+        assert f"--nproc-per-node={gpus}" in cmd

@@ -65,7 +65,8 @@ class FSDPBackend(TrainerBackend):
         self.device = device
         init_distributed(device)
         self.compute_dtype = resolve_dtype(t.dtype, device)
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.world_size = dist.get_world_size()
+        mesh = init_device_mesh(device.type, (self.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
               if self.compute_dtype != torch.float32 else MixedPrecisionPolicy())
         try:
@@ -139,7 +140,9 @@ class FSDPBackend(TrainerBackend):
                 loss, metrics = policy_loss(lp, dev(mb.old_logprobs), dev(mb.advantages), dev(mb.loss_mask),
                                             cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
                                             ref_logprobs=ref, entropy=ent)
-                loss.backward()
+                # FSDP averages gradients over its ranks; the loss is already a share of the global
+                # token mean, so undo the average to get the sum.
+                (loss * self.world_size).backward()
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 tokens += mb.num_tokens

@@ -1,0 +1,123 @@
+"""One trainer service, N ranks: launched by torch's own launcher (`torchrun --nproc-per-node N
+-m services.trainer ...`), rank 0 talks gRPC and drives every rank through the same calls. Each
+call is broadcast over a gloo control group, then run by every rank, so FSDP's collectives line up.
+At world size 1 the calls simply run in-process.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from services.common import weight_sync
+from services.common.batches import MicroBatch
+from services.common.config import RLConfig, load_config
+from services.trainer.backend import TrainerBackend
+from services.trainer.backends.fsdp import init_distributed
+
+log = logging.getLogger("trainer")
+
+# metrics that are the same on every rank (not summed over ranks)
+_SHARED_METRICS = {"grad_norm", "lr"}
+
+
+def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
+    backend = cfg.models.policy_trainer.backend
+    if backend == "fsdp":
+        from services.trainer.backends.fsdp import FSDPBackend
+        return FSDPBackend(cfg, device)
+    raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
+
+
+def balance(micro_batches: list[MicroBatch], ranks: int) -> list[list[MicroBatch]]:
+    """Every rank gets the same number of micro-batches (FSDP's collectives require it), with
+    tokens spread evenly: longest first, dealt in snake order. Missing slots are filled with a
+    copy of a real micro-batch whose loss mask is empty (forward and backward, zero gradient)."""
+    order = sorted(micro_batches, key=lambda mb: -mb.num_tokens)
+    while len(order) % ranks:
+        filler = order[-1]
+        order.append(MicroBatch(filler.input_ids, filler.seq_lens, torch.zeros_like(filler.loss_mask),
+                                filler.old_logprobs, filler.advantages, filler.versions, filler.num_global_tokens,
+                                filler.temperature, filler.padded, filler.step))
+    shards: list[list[MicroBatch]] = [[] for _ in range(ranks)]
+    for i, mb in enumerate(order):
+        lap, pos = divmod(i, ranks)
+        shards[pos if lap % 2 == 0 else ranks - 1 - pos].append(mb)
+    return shards
+
+
+class TrainerRanks:
+    """The trainer's ranks as one object: rank 0 calls `run(op, ...)`; the other ranks `follow()`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        init_distributed(device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.control = dist.new_group(backend="gloo") if self.world > 1 else None
+        self.backend: TrainerBackend | None = None
+        self.transport: weight_sync.WeightTransport | None = None   # rank 0 only: it sends for all
+
+    # ---- the channel ---------------------------------------------------------------------------
+    def run(self, op: str, *args) -> Any:
+        """Rank 0: runs `op` on every rank, returns rank 0's result."""
+        if self.world > 1:
+            dist.broadcast_object_list([(op, args)], src=0, group=self.control)
+        return getattr(self, f"_{op}")(*args)
+
+    def follow(self) -> None:
+        """Ranks > 0: run what rank 0 broadcasts, until it says stop."""
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=self.control)
+            op, args = message[0]
+            if op == "stop":
+                return
+            try:
+                getattr(self, f"_{op}")(*args)
+            except Exception:  # noqa: BLE001 - rank 0 reports the same failure to the caller
+                log.exception("rank %d: %s failed", self.rank, op)
+
+    def _stop(self) -> None:
+        pass
+
+    # ---- operations (every rank runs them) ------------------------------------------------------
+    def _setup(self, config_yaml: str) -> None:
+        self.backend = None
+        self.backend = build_backend(load_config(config_yaml), self.device)
+
+    def _train(self, micro_batches: list[MicroBatch] | None) -> dict[str, float]:
+        """Rank 0 passes the step's micro-batches; each rank receives its balanced share."""
+        mine: list = [None]
+        if self.world > 1:
+            dist.scatter_object_list(mine, balance(micro_batches, self.world) if self.rank == 0 else None, src=0,
+                                     group=self.control)
+        else:
+            mine = [micro_batches]
+        start = time.perf_counter()
+        local = self.backend.train_step(mine[0])
+        if self.world == 1:
+            return local
+        keys = sorted(local)
+        totals = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.control)
+        merged = {k: (local[k] if k in _SHARED_METRICS else float(v)) for k, v in zip(keys, totals.tolist())}
+        merged["seconds"] = time.perf_counter() - start
+        merged["ranks"] = float(self.world)
+        return merged
+
+    def _logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        return self.backend.compute_logprobs(batch)   # every rank runs the forward; FSDP gathers weights
+
+    def _send_weights(self) -> int:
+        params = self.backend.full_params()    # a collective per parameter: every rank iterates
+        if self.rank == 0:
+            return self.transport.send(params)
+        for _ in params:
+            pass
+        return 0
+
+    def _save(self, path: str, extra: dict) -> None:
+        self.backend.save_checkpoint(path, extra)
