@@ -61,11 +61,13 @@ class TrainerRanks:
         self.transport: weight_sync.WeightTransport | None = None   # rank 0 only: it sends for all
 
     # ---- the channel ---------------------------------------------------------------------------
-    def run(self, op: str, *args) -> Any:
-        """Rank 0: runs `op` on every rank, returns rank 0's result."""
+    def run(self, op: str, *args, payload: Any = None) -> Any:
+        """Rank 0: runs `op` on every rank, returns rank 0's result. `args` go to every rank;
+        `payload` stays on rank 0 (an op that takes one hands each rank its part itself)."""
         if self.world > 1:
             dist.broadcast_object_list([(op, args)], src=0, group=self.control)
-        return getattr(self, f"_{op}")(*args)
+        fn = getattr(self, f"_{op}")
+        return fn(*args) if payload is None else fn(*args, payload)
 
     def follow(self) -> None:
         """Ranks > 0: run what rank 0 broadcasts, until it says stop."""
@@ -85,11 +87,13 @@ class TrainerRanks:
 
     # ---- operations (every rank runs them) ------------------------------------------------------
     def _setup(self, config_yaml: str) -> None:
+        # The old run's model goes first: two copies of a large model need not fit (the config itself
+        # was validated by rank 0 before any rank got here).
         self.backend = None
         self.backend = build_backend(load_config(config_yaml), self.device)
 
-    def _train(self, micro_batches: list[MicroBatch] | None) -> dict[str, float]:
-        """Rank 0 passes the step's micro-batches; each rank receives its balanced share."""
+    def _train(self, micro_batches: list[MicroBatch] | None = None) -> dict[str, float]:
+        """Rank 0 holds the step's micro-batches (payload); each rank receives its balanced share."""
         mine: list = [None]
         if self.world > 1:
             dist.scatter_object_list(mine, balance(micro_batches, self.world) if self.rank == 0 else None, src=0,

@@ -71,7 +71,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise InvalidArgument("Train received no micro-batches")
         with self._lock:
             try:
-                metrics = self.ranks.run("train", micro_batches)
+                metrics = self.ranks.run("train", payload=micro_batches)
             except OutOfMemoryGuidance as exc:
                 raise ResourceExhausted(str(exc)) from exc
         return tpb.StepMetrics(step=backend.step, values=metrics)
