@@ -64,8 +64,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def Setup(self, request, context):
         cfg = load_config(request.config_yaml)
         p = cfg.models.policy
+        # everything build_engine reads: a run that changes any of it gets a new engine
         key = (p.engine, p.load, p.dtype, p.max_num_seqs, p.tensor_model_parallel_size, p.gpu_memory_utilization,
-               p.enforce_eager)
+               p.enforce_eager, p.max_prompt_tokens_length + p.max_response_tokens_length, cfg.runtime_args.seed)
         with self._setup_lock:
             if self._config_key != key or self.engine is None:
                 log.info("setting up %s engine for %s", p.engine, p.load)
