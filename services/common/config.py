@@ -50,6 +50,7 @@ class RuntimeArgs:
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
     grpc_max_message_mb: int = 64  # largest gRPC message the services accept (MiB)
     step_retries: int = 1  # how often a failed rollout is retried on other replicas
+    resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
 
 
 @dataclass

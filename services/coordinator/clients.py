@@ -150,6 +150,11 @@ class TrainerClient:
     def logprobs(self, mb: batches.MicroBatch) -> torch.Tensor:
         return from_wire(self.stub.ComputeLogProbs(self._encode(mb)).logprobs, "logprobs")
 
-    def save_checkpoint(self, path: str, step: int, data_position: int) -> None:
-        self.stub.SaveCheckpoint(tpb.CheckpointRequest(path=path, step=step,
-                                                       extra_json=json.dumps({"data_position": data_position})))
+    def save_checkpoint(self, path: str, episode: int, data_position: int) -> None:
+        extra = {"episode": episode, "data_position": data_position}
+        self.stub.SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json=json.dumps(extra)))
+
+    def load_checkpoint(self, path: str) -> tuple[int, dict]:
+        """(optimizer steps, what save_checkpoint stored) of the checkpoint now loaded."""
+        reply = self.stub.LoadCheckpoint(tpb.CheckpointRequest(path=path))
+        return reply.step, json.loads(reply.extra_json or "{}")

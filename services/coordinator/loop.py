@@ -40,12 +40,17 @@ def run_grpo(ctx: RunContext) -> None:
     prompts = encode_prompts(ctx.tokenizer, load_jsonl(ra.data_path), cfg.models.policy.max_prompt_tokens_length)
     if prompts.dropped:
         run.log(f"skipped {prompts.dropped} prompts longer than models.policy.max_prompt_tokens_length")
-    sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle)
+    version, done, position = 0, 0, 0
+    if ra.resume_from:                          # model, optimizer, episode and data position
+        version, saved = ctx.trainer.load_checkpoint(ra.resume_from)
+        done, position = saved["episode"], saved["data_position"]
+        run.log(f"resumed from {ra.resume_from}: episode {done}, policy version {version}")
+    sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle,
+                            position=position)
     reward = get_reward(cfg.models.reward.name)
-    version = 0
     ctx.sync.sync(version)                      # every replica starts from the trainer's weights
 
-    for step in range(1, ra.num_episode + 1):
+    for step in range(done + 1, ra.num_episode + 1):
         run.control_point()                     # pause / stop land between steps
         timer = Timer()
         records = sampler.next_batch()

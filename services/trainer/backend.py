@@ -30,6 +30,10 @@ class TrainerBackend(abc.ABC):
     @abc.abstractmethod
     def save_checkpoint(self, path: str, extra: dict) -> None: ...
 
+    @abc.abstractmethod
+    def load_checkpoint(self, path: str) -> dict:
+        """Restores model, optimizer and step; returns the `extra` saved with them."""
+
     @property
     @abc.abstractmethod
     def step(self) -> int: ...

@@ -125,3 +125,6 @@ class TrainerRanks:
 
     def _save(self, path: str, extra: dict) -> None:
         self.backend.save_checkpoint(path, extra)
+
+    def _load(self, path: str) -> dict:
+        return self.backend.load_checkpoint(path)

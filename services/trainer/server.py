@@ -127,6 +127,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start)
 
     @handle_errors
+    def LoadCheckpoint(self, request, context):
+        backend = self._backend()
+        if not os.path.isfile(os.path.join(request.path, "rlgrid_meta.json")):
+            raise InvalidArgument(f"path {request.path!r} is not an rlgrid checkpoint directory (no rlgrid_meta.json)"
+                                  f"; runtime_args.resume_from must name a checkpoint-<episode> directory")
+        with self._lock:
+            start = time.perf_counter()
+            extra = self.ranks.run("load", request.path)
+        return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start, step=backend.step,
+                                   extra_json=json.dumps(extra))
+
+    @handle_errors
     def GetInfo(self, request, context):
         return self._info()
 

@@ -1,11 +1,14 @@
 """One trainer service on two ranks (torchrun, FSDP2 over gloo): the same step as one rank, and a
 GRPO run whose weights reach the rollout replica from the sharded model."""
+import json
+
 import pytest
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc, trainer_pb2_grpc
+from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches
 from services.common.batches import TrainSequence
 from services.common.config import config_to_yaml, load_config
@@ -65,6 +68,21 @@ def test_two_ranks_train_like_one(two_rank, toy):
     after = [from_wire(s.ComputeLogProbs(probe).logprobs) for s in stubs]
     assert (after[0] - before[0]).abs().max() > 1e-3, "the steps moved the weights"
     torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=0)
+
+    # DCP reshards: saved by the 2-rank trainer, loaded by the 1-rank one (after it drifted away)
+    path = str(two_rank["dir"] / "ckpt-2ranks")
+    stubs[1].SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json='{"episode": 7}'))
+    stubs[0].Train(iter([batches.to_proto(mb) for mb in _step(3)]))
+    drifted = from_wire(stubs[0].ComputeLogProbs(probe).logprobs)
+    assert (drifted - after[1]).abs().max() > 1e-3
+    loaded = stubs[0].LoadCheckpoint(tpb.CheckpointRequest(path=path))
+    assert loaded.step == 2 and json.loads(loaded.extra_json) == {"episode": 7}
+    torch.testing.assert_close(from_wire(stubs[0].ComputeLogProbs(probe).logprobs), after[1], atol=1e-6, rtol=0)
+    # and the optimizer state came along: the next step is the same on both
+    step = [batches.to_proto(mb) for mb in _step(4)]
+    one, two = (dict(s.Train(iter(step)).values) for s in stubs)
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * max(1.0, two["grad_norm"])
+    torch.testing.assert_close(*(from_wire(s.ComputeLogProbs(probe).logprobs) for s in stubs), atol=1e-5, rtol=0)
 
 
 def test_grpo_run_on_a_two_rank_trainer(two_rank, toy, demo_yaml):

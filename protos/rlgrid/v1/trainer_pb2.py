@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlgrid.v1 import common_pb2 as rlgrid_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlgrid/v1/trainer.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"~\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x32\n\x06values\x18\x02 \x03(\x0b\x32\".rlgrid.v1.StepMetrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x08LogProbs\x12#\n\x08logprobs\x18\x01 \x01(\x0b\x32\x11.rlgrid.v1.Tensor\"C\n\x11\x43heckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nextra_json\x18\x03 \x01(\t\"0\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x95\x01\n\x0bTrainerInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12$\n\x06params\x18\x06 \x03(\x0b\x32\x14.rlgrid.v1.ParamSpec\x12\x0e\n\x06run_id\x18\x07 \x01(\t2\xd1\x03\n\x0eTrainerService\x12\x38\n\x05Setup\x12\x17.rlgrid.v1.SetupRequest\x1a\x16.rlgrid.v1.TrainerInfo\x12\x39\n\x05Train\x12\x16.rlgrid.v1.PackedBatch\x1a\x16.rlgrid.v1.StepMetrics(\x01\x12>\n\x0f\x43omputeLogProbs\x12\x16.rlgrid.v1.PackedBatch\x1a\x13.rlgrid.v1.LogProbs\x12@\n\x11PrepareWeightSync\x12\x19.rlgrid.v1.WeightSyncPlan\x1a\x10.rlgrid.v1.Empty\x12G\n\x0bSendWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12J\n\x0eSaveCheckpoint\x12\x1c.rlgrid.v1.CheckpointRequest\x1a\x1a.rlgrid.v1.CheckpointReply\x12\x33\n\x07GetInfo\x12\x10.rlgrid.v1.Empty\x1a\x16.rlgrid.v1.TrainerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlgrid/v1/trainer.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"~\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x32\n\x06values\x18\x02 \x03(\x0b\x32\".rlgrid.v1.StepMetrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x08LogProbs\x12#\n\x08logprobs\x18\x01 \x01(\x0b\x32\x11.rlgrid.v1.Tensor\"C\n\x11\x43heckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nextra_json\x18\x03 \x01(\t\"R\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nextra_json\x18\x04 \x01(\t\"\x95\x01\n\x0bTrainerInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12$\n\x06params\x18\x06 \x03(\x0b\x32\x14.rlgrid.v1.ParamSpec\x12\x0e\n\x06run_id\x18\x07 \x01(\t2\x9d\x04\n\x0eTrainerService\x12\x38\n\x05Setup\x12\x17.rlgrid.v1.SetupRequest\x1a\x16.rlgrid.v1.TrainerInfo\x12\x39\n\x05Train\x12\x16.rlgrid.v1.PackedBatch\x1a\x16.rlgrid.v1.StepMetrics(\x01\x12>\n\x0f\x43omputeLogProbs\x12\x16.rlgrid.v1.PackedBatch\x1a\x13.rlgrid.v1.LogProbs\x12@\n\x11PrepareWeightSync\x12\x19.rlgrid.v1.WeightSyncPlan\x1a\x10.rlgrid.v1.Empty\x12G\n\x0bSendWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12J\n\x0eSaveCheckpoint\x12\x1c.rlgrid.v1.CheckpointRequest\x1a\x1a.rlgrid.v1.CheckpointReply\x12J\n\x0eLoadCheckpoint\x12\x1c.rlgrid.v1.CheckpointRequest\x1a\x1a.rlgrid.v1.CheckpointReply\x12\x33\n\x07GetInfo\x12\x10.rlgrid.v1.Empty\x1a\x16.rlgrid.v1.TrainerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTREQUEST']._serialized_start=239
   _globals['_CHECKPOINTREQUEST']._serialized_end=306
   _globals['_CHECKPOINTREPLY']._serialized_start=308
-  _globals['_CHECKPOINTREPLY']._serialized_end=356
-  _globals['_TRAINERINFO']._serialized_start=359
-  _globals['_TRAINERINFO']._serialized_end=508
-  _globals['_TRAINERSERVICE']._serialized_start=511
-  _globals['_TRAINERSERVICE']._serialized_end=976
+  _globals['_CHECKPOINTREPLY']._serialized_end=390
+  _globals['_TRAINERINFO']._serialized_start=393
+  _globals['_TRAINERINFO']._serialized_end=542
+  _globals['_TRAINERSERVICE']._serialized_start=545
+  _globals['_TRAINERSERVICE']._serialized_end=1086
 # @@protoc_insertion_point(module_scope)

@@ -39,12 +39,16 @@ class CheckpointRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
-    __slots__ = ("path", "seconds")
+    __slots__ = ("path", "seconds", "step", "extra_json")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
     path: str
     seconds: float
-    def __init__(self, path: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    step: int
+    extra_json: str
+    def __init__(self, path: _Optional[str] = ..., seconds: _Optional[float] = ..., step: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class TrainerInfo(_message.Message):
     __slots__ = ("backend", "model", "step", "world_size", "device", "params", "run_id")

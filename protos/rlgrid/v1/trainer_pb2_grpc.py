@@ -65,6 +65,11 @@ class TrainerServiceStub(object):
                 request_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/rlgrid.v1.TrainerService/LoadCheckpoint',
+                request_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/rlgrid.v1.TrainerService/GetInfo',
                 request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -116,6 +121,13 @@ class TrainerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadCheckpoint(self, request, context):
+        """Restores model, optimizer and step from a SaveCheckpoint directory (any world size saved it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -152,6 +164,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
+                    request_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
                     request_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
                     response_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.SerializeToString,
             ),
@@ -321,6 +338,33 @@ class TrainerService(object):
             request,
             target,
             '/rlgrid.v1.TrainerService/SaveCheckpoint',
+            rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+            rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.TrainerService/LoadCheckpoint',
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
             options,

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -186,6 +186,19 @@ class FSDPBackend(TrainerBackend):
         if dist.get_rank() == 0:
             with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
                 json.dump({"step": self._step, **extra}, f)
+
+    def load_checkpoint(self, path: str) -> dict:
+        meta_path = os.path.join(path, "rlgrid_meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no rlgrid_meta.json)")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)   # DCP reshards: the saving world size need not match
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self._step = int(meta.pop("step"))
+        return meta
 
     @property
     def step(self) -> int:
