@@ -97,6 +97,7 @@ class PolicyTrainerConfig:
     ulysses_sequence_parallel_size: int = 1  # devices one sequence is split over (Ulysses)
     groupgemm: bool = False  # grouped GEMM for MoE experts
     ref_offload: bool = False  # keep the reference model on CPU between uses
+    save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
 
 
 @dataclass

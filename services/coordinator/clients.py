@@ -154,6 +154,9 @@ class TrainerClient:
         extra = {"episode": episode, "data_position": data_position}
         self.stub.SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json=json.dumps(extra)))
 
+    def export_hf(self, path: str) -> None:
+        self.stub.ExportHF(tpb.CheckpointRequest(path=path))
+
     def load_checkpoint(self, path: str) -> tuple[int, dict]:
         """(optimizer steps, what save_checkpoint stored) of the checkpoint now loaded."""
         reply = self.stub.LoadCheckpoint(tpb.CheckpointRequest(path=path))

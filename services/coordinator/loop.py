@@ -74,4 +74,7 @@ def run_grpo(ctx: RunContext) -> None:
         run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer,
                                            ctx.rollouts.discarded))
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
-            ctx.trainer.save_checkpoint(os.path.join(run.run_dir, f"checkpoint-{step}"), step, sampler.position)
+            checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")
+            ctx.trainer.save_checkpoint(checkpoint, step, sampler.position)
+            if cfg.models.policy_trainer.save_hf:
+                ctx.trainer.export_hf(os.path.join(checkpoint, "hf"))

@@ -31,6 +31,10 @@ class TrainerBackend(abc.ABC):
     def save_checkpoint(self, path: str, extra: dict) -> None: ...
 
     @abc.abstractmethod
+    def export_hf(self, path: str) -> None:
+        """Writes an HF model directory (config, safetensors, tokenizer) of the current weights."""
+
+    @abc.abstractmethod
     def load_checkpoint(self, path: str) -> dict:
         """Restores model, optimizer and step; returns the `extra` saved with them."""
 

@@ -126,5 +126,8 @@ class TrainerRanks:
     def _save(self, path: str, extra: dict) -> None:
         self.backend.save_checkpoint(path, extra)
 
+    def _export_hf(self, path: str) -> None:
+        self.backend.export_hf(path)
+
     def _load(self, path: str) -> dict:
         return self.backend.load_checkpoint(path)

@@ -127,6 +127,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start)
 
     @handle_errors
+    def ExportHF(self, request, context):
+        self._backend()
+        if not request.path:
+            raise InvalidArgument("path is empty")
+        with self._lock:
+            start = time.perf_counter()
+            self.ranks.run("export_hf", request.path)
+        return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start, step=self.backend.step)
+
+    @handle_errors
     def LoadCheckpoint(self, request, context):
         backend = self._backend()
         if not os.path.isfile(os.path.join(request.path, "rlgrid_meta.json")):

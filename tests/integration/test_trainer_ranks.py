@@ -36,7 +36,7 @@ def two_rank(tmp_path_factory):
     cluster.stop_all()
 
 
-def _step(seed: int) -> list[batches.MicroBatch]:
+def _step(seed: int, padded: bool = False) -> list[batches.MicroBatch]:
     """Five micro-batches (odd, so one rank gets a zero-loss filler) of random sequences."""
     g = torch.Generator().manual_seed(seed)
     seqs = [TrainSequence(torch.randint(3, 15, (3,), generator=g).tolist(),
@@ -46,7 +46,8 @@ def _step(seed: int) -> list[batches.MicroBatch]:
     for s in seqs:
         s.response_logprobs = s.response_logprobs[: len(s.response_ids)]
     total = sum(len(s.response_ids) for s in seqs)
-    return [batches.make_micro_batch(seqs[i: i + 2], num_global_tokens=total, temperature=1.0) for i in range(0, 10, 2)]
+    return [batches.make_micro_batch(seqs[i: i + 2], num_global_tokens=total, temperature=1.0, padded=padded)
+            for i in range(0, 10, 2)]
 
 
 def test_two_ranks_train_like_one(two_rank, toy):
@@ -59,8 +60,8 @@ def test_two_ranks_train_like_one(two_rank, toy):
     probe = batches.to_proto(_step(99)[0])
     before = [from_wire(s.ComputeLogProbs(probe).logprobs) for s in stubs]
     torch.testing.assert_close(before[0], before[1], atol=1e-6, rtol=0)   # same seeded init
-    for seed in (1, 2):
-        step = [batches.to_proto(mb) for mb in _step(seed)]
+    for seed, padded in ((1, False), (2, True)):   # packed rows, then padded micro-batches (packing=False)
+        step = [batches.to_proto(mb) for mb in _step(seed, padded)]
         one, two = (dict(s.Train(iter(step)).values) for s in stubs)
         assert two["ranks"] == 2 and two["micro_batches"] == 6 and one["micro_batches"] == 5   # + one filler
         for key in ("loss", "pg_loss", "entropy", "grad_norm"):

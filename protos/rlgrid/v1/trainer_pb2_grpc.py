@@ -70,6 +70,11 @@ class TrainerServiceStub(object):
                 request_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.ExportHF = channel.unary_unary(
+                '/rlgrid.v1.TrainerService/ExportHF',
+                request_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/rlgrid.v1.TrainerService/GetInfo',
                 request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -128,6 +133,13 @@ class TrainerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportHF(self, request, context):
+        """Writes the current weights as an HF directory (config, safetensors, tokenizer) transformers loads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -169,6 +181,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             ),
             'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadCheckpoint,
+                    request_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.SerializeToString,
+            ),
+            'ExportHF': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportHF,
                     request_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
                     response_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.SerializeToString,
             ),
@@ -365,6 +382,33 @@ class TrainerService(object):
             request,
             target,
             '/rlgrid.v1.TrainerService/LoadCheckpoint',
+            rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+            rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportHF(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.TrainerService/ExportHF',
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
             options,

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -186,6 +193,25 @@ class FSDPBackend(TrainerBackend):
         if dist.get_rank() == 0:
             with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
                 json.dump({"step": self._step, **extra}, f)
+
+    def export_hf(self, path: str) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)   # gathered onto rank 0's CPU
+        state = get_model_state_dict(self.model, options=options)
+        if dist.get_rank() != 0:
+            return
+        os.makedirs(path, exist_ok=True)
+        config = self.model.config
+        tensors = {k: v.to(self.compute_dtype).contiguous() for k, v in state.items()}
+        if getattr(config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)   # one tensor, stored once (transformers re-ties it)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        config.torch_dtype = self.compute_dtype
+        config.save_pretrained(path)
+        source = self.cfg.models.policy_trainer.load
+        for name in os.listdir(source):   # tokenizer and generation config travel with the weights
+            if name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config", "vocab",
+                                "merges")):
+                shutil.copy(os.path.join(source, name), path)
 
     def load_checkpoint(self, path: str) -> dict:
         meta_path = os.path.join(path, "rlgrid_meta.json")
