@@ -24,17 +24,6 @@ from services.coordinator.plot import plot_run, read_metrics
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 
 
-def start_services(log_dir: str, state_dir: str) -> tuple[LocalCluster, str]:
-    """Coordinator, trainer and rollout as separate processes; returns the coordinator's address."""
-    cluster = LocalCluster(log_dir)
-    coordinator = cluster.start("coordinator", "services.coordinator", "--state-dir", state_dir)
-    cluster.start("trainer", "services.trainer", "--coordinator", coordinator.address, "--device", "cpu")
-    cluster.start("rollout", "services.rollout", "--coordinator", coordinator.address, "--device", "cpu")
-    for proc in cluster.procs:
-        cluster.wait_healthy(proc)
-    return cluster, coordinator.address
-
-
 def prepare(cfg) -> None:
     """Toy prompts and a tiny Qwen3 (config + tokenizer; services random-init from the seed)."""
     make_toy_dataset(cfg.runtime_args.data_path, n=256, seed=0)
@@ -55,9 +44,10 @@ def main() -> int:
     if args.prepare:
         print(f"wrote {cfg.runtime_args.data_path} and {cfg.models.policy.load}")
         return 0
-    cluster, address = start_services(os.path.join(args.workdir, "logs"), os.path.join(args.workdir, "coordinator"))
+    cluster = LocalCluster(os.path.join(args.workdir, "logs"))
     try:
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(address))
+        coordinator, _, _ = cluster.deploy(os.path.join(args.workdir, "coordinator"))
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coordinator.address))
         with open(DEMO_CONFIG) as f:
             run = stub.StartRun(cpb.StartRunRequest(config_yaml=f.read(), overrides=args.overrides))
         print(f"run {run.run_id}: {run.total_steps} steps; logs in {args.workdir}/logs", flush=True)

@@ -49,14 +49,7 @@ class Services:
 
 def start_services(log_dir: str, state_dir: str, replicas: int = 2) -> Services:
     cluster = LocalCluster(log_dir)
-    coordinator = cluster.start("coordinator", "services.coordinator", "--state-dir", state_dir)
-    cluster.wait_healthy(coordinator)
-    trainer = cluster.start("trainer", "services.trainer", "--coordinator", coordinator.address, "--device", "cpu")
-    rollouts = [cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coordinator.address,
-                              "--device", "cpu") for i in range(replicas)]
-    for proc in [trainer, *rollouts]:
-        cluster.wait_healthy(proc)
-    services = Services(cluster, coordinator, trainer, rollouts)
+    services = Services(cluster, *cluster.deploy(state_dir, replicas))
     services.wait_workers()
     return services
 
