@@ -42,15 +42,15 @@ class Scheduler:
 
     def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous):
         self.store, self.workers, self.rendezvous = store, workers, rendezvous
-        self.queue: queue.Queue[tuple[Run, RLConfig]] = queue.Queue()
+        self.queue: queue.Queue[tuple[Run, RLConfig, object]] = queue.Queue()
         threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
 
-    def submit(self, run: Run, cfg: RLConfig) -> None:
-        self.queue.put((run, cfg))
+    def submit(self, run: Run, cfg: RLConfig, tokenizer) -> None:
+        self.queue.put((run, cfg, tokenizer))
 
     def _loop(self) -> None:
         while True:
-            run, cfg = self.queue.get()
+            run, cfg, tokenizer = self.queue.get()
             while run.state == cpb.PENDING and not run.stop_requested:
                 trainers, rollouts = self.workers.serving(cpb.TRAINER), self.workers.serving(cpb.ROLLOUT)
                 if trainers and rollouts:
@@ -60,9 +60,9 @@ class Scheduler:
             if run.stop_requested:
                 run.set_state(cpb.STOPPED, "stopped before it started")
                 continue
-            self._execute(run, cfg, trainers[0].address, [w.address for w in rollouts])
+            self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts])
 
-    def _execute(self, run: Run, cfg: RLConfig, trainer_addr: str, rollout_addrs: list[str]) -> None:
+    def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str]) -> None:
         ra = cfg.runtime_args
         try:
             run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
@@ -71,7 +71,7 @@ class Scheduler:
             setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
             trainer.stub.Setup(setup)
             rollouts.call_all("Setup", setup)
-            ctx = RunContext(cfg=cfg, run=run, tokenizer=load_tokenizer(cfg.models.policy.load), trainer=trainer,
+            ctx = RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer,
                              rollouts=rollouts, sync=WeightSync(self.rendezvous, trainer, rollouts,
                                                                 bucket_mb=ra.weight_sync_bucket_mb))
             run_grpo(ctx)
@@ -104,7 +104,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         p, ra = cfg.models.policy, cfg.runtime_args
         if not p.load:
             raise InvalidArgument("models.policy.load is empty: set it to an HF model directory")
-        load_tokenizer(p.load)   # a bad path is the caller's error, reported now
+        tokenizer = load_tokenizer(p.load)   # a bad path is the caller's error, reported now
         if not os.path.isfile(ra.data_path):
             raise InvalidArgument(f"runtime_args.data_path={ra.data_path!r} is not a file on the coordinator's host")
         if ra.resume_from and not os.path.isfile(os.path.join(ra.resume_from, "rlgrid_meta.json")):
@@ -112,7 +112,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                   f"(no rlgrid_meta.json); name a runs/<run_id>/checkpoint-<episode> directory")
         run = self.store.create(config_to_yaml(cfg), ra.output_dir, ra.num_episode)
         run.listeners.append(metrics.observe)
-        self.scheduler.submit(run, cfg)
+        self.scheduler.submit(run, cfg, tokenizer)
         log.info("run %s submitted (%d steps)", run.run_id, ra.num_episode)
         return run.to_proto()
 
