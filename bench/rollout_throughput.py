@@ -1,13 +1,24 @@
 """Rollout throughput: the rollout service (gRPC, streaming) against the same engine called
-in-process, same prompts, same kind of device; and, on CPU, the built-in engine against
-transformers' `generate` and vLLM against the built-in engine.
+in-process, same prompts, same kind of device; the built-in engine against transformers'
+`generate`; vLLM against the built-in engine.
 
     python bench/rollout_throughput.py --engine vllm --device cuda:0 --service-device cuda:1 --model qwen3-0.36b
     python bench/rollout_throughput.py --engine builtin --device cpu --model tiny --compare-hf
+
+The built-in engine against `generate` alone (no service), batch 32, 0.36B model, on one GPU (~1 min;
+--hf-static adds generate with a static cache, which transformers compiles: a minute or two more):
+
+    python bench/rollout_throughput.py --model qwen3-0.36b --device cuda:0 --compare-hf-only
+
+Same prompts, same max tokens, every sequence runs to max_tokens, sampling at temperature 1 with
+top-k/top-p off on both sides. `generate` is transformers' plain default (dynamic cache, eager).
+Warm-up calls (CUDA graph capture, compilation) are not timed; in_process_first_call_s says what
+the first call cost.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -64,9 +75,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--compare-hf", action="store_true", help="also transformers generate (built-in engine)")
+    parser.add_argument("--compare-hf-only", action="store_true",
+                        help="only the built-in engine in-process against transformers generate (no service)")
+    parser.add_argument("--hf-static", action="store_true",
+                        help="also generate with cache_implementation='static' (compiled by transformers on GPU)")
     parser.add_argument("--compare-builtin", action="store_true", help="also the built-in engine (vllm runs)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.compare_hf_only and args.engine != "builtin":
+        parser.error("--compare-hf-only compares the built-in engine: use --engine builtin")
     service_device = args.service_device or args.device
     work = tempfile.mkdtemp(prefix="rlgrid-tput-")
     device = torch.device(args.device)
@@ -89,45 +106,58 @@ def main() -> None:
               "max_tokens": args.max_tokens, "in_process_device": args.device, "service_device": service_device,
               "threads": torch.get_num_threads()}
 
-    # the service first: its process owns its device while the in-process engine starts
-    cluster = LocalCluster(os.path.join(work, "logs"))
-    try:
-        env, dev = pin_gpu(service_device)
-        # the same intra-op threads as this process, where the in-process engine runs
-        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-        proc = cluster.start("rollout", "services.rollout", "--device", dev, env=env)
-        cluster.wait_healthy(proc)
-        stub = rollout_pb2_grpc.RolloutServiceStub(make_channel(proc.address))
-        stub.Setup(pb.SetupRequest(run_id="bench", config_yaml=config_to_yaml(cfg)), timeout=900)
-        request = rpb.GenerateRequest(
-            prompts=[rpb.Prompt(group_id=f"p-{i}", prompt_ids=ids_to_wire(p)) for i, p in enumerate(ps)],
-            sampling=pb.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.max_tokens, seed=1), n=1)
+    if not args.compare_hf_only:
+        # the service first: its process owns its device while the in-process engine starts
+        cluster = LocalCluster(os.path.join(work, "logs"))
+        try:
+            env, dev = pin_gpu(service_device)
+            # the same intra-op threads as this process, where the in-process engine runs
+            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+            proc = cluster.start("rollout", "services.rollout", "--device", dev, env=env)
+            cluster.wait_healthy(proc)
+            stub = rollout_pb2_grpc.RolloutServiceStub(make_channel(proc.address))
+            stub.Setup(pb.SetupRequest(run_id="bench", config_yaml=config_to_yaml(cfg)), timeout=900)
+            request = rpb.GenerateRequest(
+                prompts=[rpb.Prompt(group_id=f"p-{i}", prompt_ids=ids_to_wire(p)) for i, p in enumerate(ps)],
+                sampling=pb.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.max_tokens,
+                                           seed=1), n=1)
 
-        def via_service() -> int:
-            return sum(s.response_ids.shape[0] for s in stub.Generate(request, timeout=900))
-        result["service_tokens_per_s"] = tokens_per_s(via_service, args.repeats)
-    finally:
-        cluster.stop_all()
+            def via_service() -> int:
+                return sum(s.response_ids.shape[0] for s in stub.Generate(request, timeout=900))
+            result["service_tokens_per_s"] = tokens_per_s(via_service, args.repeats)
+        finally:
+            cluster.stop_all()
 
     engine = build_engine(cfg, device)
 
     def in_process() -> int:
         return sum(len(g.response_ids) for g in engine.generate(ps, sampling, 1))
+    start = time.perf_counter()
+    in_process()   # graph capture (built-in engine on GPU) happens here
+    result["in_process_first_call_s"] = time.perf_counter() - start
     result["in_process_tokens_per_s"] = tokens_per_s(in_process, args.repeats)
-    result["service_over_in_process"] = result["service_tokens_per_s"] / result["in_process_tokens_per_s"]
+    if "service_tokens_per_s" in result:
+        result["service_over_in_process"] = result["service_tokens_per_s"] / result["in_process_tokens_per_s"]
 
-    if args.compare_hf:
+    if args.compare_hf or args.compare_hf_only:
+        del engine   # one model on the device at a time
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(work, dtype=dtype).to(device).eval()
         batch = torch.tensor(ps, device=device)
-
-        def hf_generate() -> int:
-            with torch.no_grad():
-                out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=1.0,
-                                     top_k=0, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                     pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-            return int(out.sequences[:, batch.shape[1]:].numel())
-        result["hf_generate_tokens_per_s"] = tokens_per_s(hf_generate, args.repeats)
-        result["builtin_over_hf_generate"] = result["in_process_tokens_per_s"] / result["hf_generate_tokens_per_s"]
+        variants = {"hf_generate": {}}
+        if args.hf_static:
+            variants["hf_generate_static"] = {"cache_implementation": "static"}
+        for name, extra in variants.items():
+            def hf_generate(extra=extra) -> int:
+                with torch.no_grad():
+                    out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True,
+                                         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens,
+                                         min_new_tokens=args.max_tokens, pad_token_id=0, **extra)
+                return int(out[:, batch.shape[1]:].numel())
+            result[f"{name}_tokens_per_s"] = tokens_per_s(hf_generate, args.repeats)
+            result[f"builtin_over_{name}"] = result["in_process_tokens_per_s"] / result[f"{name}_tokens_per_s"]
     if args.compare_builtin:
         builtin = build_engine(load_config(overrides=overrides + ["models.policy.engine=builtin"]), device)
 

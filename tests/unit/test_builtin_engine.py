@@ -199,7 +199,7 @@ def _snapshot(engine):
 
 def _new_weights(engine, seed=0, scale=0.5):
     g = torch.Generator().manual_seed(seed)
-    return {n: p.detach() + scale * torch.randn(p.shape, generator=g) for n, p in engine.model.named_parameters()}
+    return {n: p.detach().cpu() + scale * torch.randn(p.shape, generator=g) for n, p in engine.model.named_parameters()}
 
 
 def _same_params(engine, snap) -> bool:
@@ -282,3 +282,121 @@ def test_commit_of_unstaged_version_raises(fresh_engine):
         e.commit_weights(7)  # a different version is staged
     assert e.version == 0 and _same_params(e, snap)
     assert e.commit_weights(8) == 8 and not _same_params(e, snap)
+
+
+def test_commit_copies_in_place(fresh_engine):
+    """Captured CUDA graphs read the parameters' storage: a commit must write into it, not rebind it."""
+    e = fresh_engine
+    _outputs(e)   # decode once, so there is state that could hold on to the old weights
+    before = {n: p.data_ptr() for n, p in e.model.named_parameters()}
+    e.stage_weights(iter(_new_weights(e).items()), version=2)
+    e.commit_weights(2)
+    assert {n: p.data_ptr() for n, p in e.model.named_parameters()} == before
+
+
+# ---- the decode loop: fixed-size KV cache, dropping finished rows, fixed shapes -----------------------
+
+def _assert_match_full_forward(gens, model, temperature, prompts=PROMPTS):
+    for g in gens:
+        ref = _reference_logprobs(model, prompts[g.prompt_index], g.response_ids, temperature)
+        torch.testing.assert_close(torch.tensor(g.logprobs), ref, atol=1e-4, rtol=0)
+        assert g.finish_reason == ("stop" if g.response_ids[-1] == EOS else "length")
+        assert EOS not in g.response_ids[:-1]
+
+
+def _count_row_drops(monkeypatch) -> list[int]:
+    from services.rollout.engines.static_kv import StaticKVCache
+    kept, keep_rows = [], StaticKVCache.keep_rows
+    monkeypatch.setattr(StaticKVCache, "keep_rows", lambda self, index: (kept.append(len(index)),
+                                                                        keep_rows(self, index))[1])
+    return kept
+
+
+def test_dropping_finished_rows_keeps_logprobs_exact(engine, hf_model, monkeypatch):
+    kept = _count_row_drops(monkeypatch)
+    # near-uniform sampling: rows stop at different steps, so the batch shrinks several times
+    gens = _generate(engine, n=8, temperature=4.0, max_tokens=30, seed=3)
+    assert kept, "no finished rows were dropped"
+    assert collections.Counter(g.prompt_index for g in gens) == {i: 8 for i in range(len(PROMPTS))}
+    _assert_match_full_forward(gens, hf_model, 4.0)
+
+
+@pytest.fixture
+def fixed_shapes_engine(tiny_model_dir, monkeypatch) -> BuiltinEngine:
+    """The shapes CUDA graphs decode with (rows padded to 1, 2, 4, 8, 16; attention over whole
+    blocks of the cache, 8 positions here), run eagerly on CPU: everything but the capture."""
+    from services.rollout.engines import builtin
+    monkeypatch.setattr(builtin, "KV_STEP", 8)
+    e = BuiltinEngine(tiny_model_dir, dtype=torch.float32, device=CPU, max_num_seqs=16)
+    e.fixed_shapes = True
+    return e
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=4.0), dict(temperature=0.7, top_k=5),
+                                      dict(temperature=1.0, top_p=0.8)], ids=["t1", "t4", "top_k", "top_p"])
+def test_fixed_shapes_match_full_forward(fixed_shapes_engine, hf_model, monkeypatch, sampling):
+    e = fixed_shapes_engine
+    kept = _count_row_drops(monkeypatch)
+    n = 3   # 12 sequences decode as 16 rows; 4 of them padding
+    gens = _generate(e, n=n, max_tokens=30, seed=21, **sampling)
+    assert collections.Counter(g.prompt_index for g in gens) == {i: n for i in range(len(PROMPTS))}
+    _assert_match_full_forward(gens, hf_model, sampling["temperature"])
+    assert all(r in (1, 2, 4, 8, 16) for r in kept)
+    assert _generate(e, n=n, max_tokens=30, seed=21, **sampling) == gens
+
+
+def test_longer_requests_grow_the_cache(fixed_shapes_engine, hf_model):
+    e = fixed_shapes_engine
+    _generate(e, prompts=PROMPTS[1:2], max_tokens=2, seed=1)
+    small = e._slots.capacity
+    gens = _generate(e, n=6, temperature=0.5, max_tokens=25, seed=2)
+    assert e._slots.capacity[0] > small[0] and e._slots.capacity[1] > small[1]
+    _assert_match_full_forward(gens, hf_model, 0.5)
+
+
+def test_enforce_eager_keeps_exact_shapes(tiny_model_dir):
+    e = BuiltinEngine(tiny_model_dir, dtype=torch.float32, device=CPU, enforce_eager=True)
+    assert not e.fixed_shapes and e._rows_for(5) == 5
+
+
+# ---- CUDA graphs (run where a GPU is) ---------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=4.0), dict(temperature=0.7, top_k=5),
+                                      dict(temperature=1.0, top_p=0.8)], ids=["t1", "t4", "top_k", "top_p"])
+def test_cuda_graphs_match_full_forward(tiny_model_dir, hf_model, sampling):
+    e = BuiltinEngine(tiny_model_dir, dtype=torch.float32, device=torch.device("cuda"), max_num_seqs=16)
+    assert e.fixed_shapes
+    gens = _generate(e, n=3, max_tokens=30, seed=21, **sampling)
+    assert e._graphs, "no CUDA graph was captured"
+    _assert_match_full_forward(gens, hf_model, sampling["temperature"])
+    assert _generate(e, n=3, max_tokens=30, seed=21, **sampling) == gens
+
+
+@cuda
+def test_cuda_graphs_see_committed_weights(tiny_model_dir, hf_model):
+    e = BuiltinEngine(tiny_model_dir, dtype=torch.float32, device=torch.device("cuda"), max_num_seqs=8)
+    before = _outputs(e)
+    graphs = dict(e._graphs)
+    assert graphs
+    new = _new_weights(e)
+    e.stage_weights(iter(new.items()), version=1)
+    e.commit_weights(1)
+    gens = _generate(e, **SYNC_SAMPLING)
+    assert e._graphs == graphs, "the same graphs replay after a commit"
+    assert [(g.prompt_index, g.response_ids, g.logprobs) for g in gens] != before
+    hf_model_new = type(hf_model)(hf_model.config).eval()
+    hf_model_new.load_state_dict(new, strict=False)
+    hf_model_new.tie_weights()
+    _assert_match_full_forward(gens, hf_model_new, 1.0)
+
+
+@cuda
+def test_cuda_enforce_eager_captures_nothing(tiny_model_dir, hf_model):
+    e = BuiltinEngine(tiny_model_dir, dtype=torch.float32, device=torch.device("cuda"), enforce_eager=True)
+    gens = _generate(e, n=2, temperature=1.0, max_tokens=12, seed=4)
+    assert not e.fixed_shapes and not e._graphs
+    _assert_match_full_forward(gens, hf_model, 1.0)

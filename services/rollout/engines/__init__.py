@@ -14,7 +14,7 @@ def build_engine(cfg: RLConfig, device: torch.device | None = None) -> Engine:
     if p.engine == "builtin":
         from services.rollout.engines.builtin import BuiltinEngine
         return BuiltinEngine(p.load, dtype=resolve_dtype(p.dtype, device), device=device,
-                             max_num_seqs=p.max_num_seqs, seed=cfg.runtime_args.seed)
+                             max_num_seqs=p.max_num_seqs, seed=cfg.runtime_args.seed, enforce_eager=p.enforce_eager)
     if p.engine == "vllm":
         try:
             from services.rollout.engines.vllm_engine import VLLMEngine

@@ -1,26 +1,75 @@
-"""The built-in engine: batched sampling on transformers with a KV cache, on CPU or GPU."""
+"""The built-in engine: batched sampling on transformers with a fixed-shape KV cache, on CPU or GPU.
+
+On a GPU each decode step (forward, sampling, bookkeeping) is captured once as a CUDA graph per
+(rows, attended length, sampling shape) and replayed per token, which takes Python and kernel
+launches out of the loop; on CPU, or with enforce_eager, the same step runs eagerly.
+"""
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
-from transformers import DynamicCache
 
 from services.common.models import load_causal_lm
 from services.common.weight_sync import ParamMeta
 from services.rollout.engine import Engine, EngineInfo, Generation, Sampling
+from services.rollout.engines.static_kv import StaticKVCache, use_grouped_decode_attention
+
+log = logging.getLogger("rollout")
+
+KV_STEP = 128        # a graph attends over the cache in multiples of this many positions
+GRAPH_CHECK = 8      # with graphs, look for finished rows every this many tokens (each look waits for the GPU)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclass
+class _Slots:
+    """Everything a decode step reads or writes, allocated once for up to `capacity` rows and
+    positions, so that captured graphs stay valid. Steps use the first `rows` rows."""
+    cache: StaticKVCache
+    tok: torch.Tensor          # [R] the last sampled token
+    pos: torch.Tensor          # [R] its position id
+    valid: torch.Tensor        # [R, L] cache positions a row attends to
+    done: torch.Tensor         # [R] stopped (or a padding row)
+    lengths: torch.Tensor      # [R] tokens generated up to and including the stop token
+    noise: torch.Tensor        # [R, V] exponential noise for the next sample
+    out_tok: torch.Tensor      # [R, L] sampled tokens, by step
+    out_lp: torch.Tensor       # [R, L] their log-probabilities
+    write_pos: torch.Tensor    # [1] cache position of the token the next step feeds
+    col: torch.Tensor          # [1] step the next sample is recorded at
+    temperature: torch.Tensor  # []
+    top_p: torch.Tensor        # []
+    is_stop: torch.Tensor      # [V]
+    capacity: tuple[int, int]
+    rows: int = 0
+
+    @classmethod
+    def allocate(cls, rows: int, length: int, vocab: int, device: torch.device) -> "_Slots":
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return cls(cache=StaticKVCache(rows, length), tok=z(rows), pos=z(rows), valid=z(rows, length, dtype=torch.bool),
+                   done=z(rows, dtype=torch.bool), lengths=z(rows), noise=torch.ones(rows, vocab, device=device),
+                   out_tok=z(rows, length), out_lp=z(rows, length, dtype=torch.float32), write_pos=z(1), col=z(1),
+                   temperature=z(dtype=torch.float32), top_p=z(dtype=torch.float32),
+                   is_stop=z(vocab, dtype=torch.bool), capacity=(rows, length))
 
 
 class BuiltinEngine(Engine):
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, max_num_seqs: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, enforce_eager: bool = False):
         self.model_path = model_path
         self.device = device
         self.dtype = dtype
         self.max_num_seqs = max_num_seqs
         self.model = load_causal_lm(model_path, dtype=dtype, device=device, seed=seed).eval()
+        use_grouped_decode_attention(self.model)
         self.config = self.model.config
         eos = self.config.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -33,6 +82,16 @@ class BuiltinEngine(Engine):
         self._staged: dict[str, torch.Tensor] = {}
         self._staged_version: int | None = None
         self._version = 0
+        # Fixed decode shapes (rows padded to a few sizes, attention over whole KV_STEP blocks) are
+        # what CUDA graphs need; without graphs, exact shapes do less work. models.policy.enforce_eager
+        # turns graphs off. Tests set fixed_shapes on CPU to check everything but the capture.
+        self.fixed_shapes = device.type == "cuda" and not enforce_eager
+        self._capture = device.type == "cuda"   # off after a capture fails
+        self._slots: _Slots | None = None
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._mask_values = (torch.zeros((), dtype=dtype, device=device),
+                             torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
@@ -50,60 +109,196 @@ class BuiltinEngine(Engine):
             with self._lock:
                 yield from self._generate_batch([prompts[i] for i in chunk], chunk, sampling, generator)
 
-    @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], index: list[int], s: Sampling,
                         generator: torch.Generator) -> list[Generation]:
-        b, width = len(prompts), max(map(len, prompts))
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding keeps every row's next token at the end
+        if self.device.type != "cuda":
+            return self._decode_batch(prompts, index, s, generator)
+        with torch.cuda.device(self.device):   # graphs capture and replay on the current device's streams
+            return self._decode_batch(prompts, index, s, generator)
+
+    @torch.no_grad()
+    def _decode_batch(self, prompts: list[list[int]], index: list[int], s: Sampling,
+                      generator: torch.Generator) -> list[Generation]:
+        width = max(map(len, prompts))
+        st = self._prepare(prompts, width + s.max_tokens, s)
+        top_k = s.top_k if 0 < s.top_k < self.config.vocab_size else 0
+        top_p = s.top_p < 1.0
+        row_of = list(range(len(prompts))) + [-1] * (st.rows - len(prompts))   # slot row -> prompt row; -1 padding
+        results: dict[int, Generation] = {}
+        check = GRAPH_CHECK if self.fixed_shapes else 1
+        st.noise[: st.rows].exponential_(generator=generator)
+        self._record(st, self._prefill(st, prompts, width), top_k, top_p)
+        steps = 1
+        while steps < s.max_tokens:
+            if steps % check == 0:
+                live = (~st.done[: st.rows]).nonzero()[:, 0]
+                if len(live) == 0:
+                    break
+                row_of = self._drop_finished(st, live, row_of, steps, width + steps - 1, results, index)
+            st.noise[: st.rows].exponential_(generator=generator)
+            self._step(st, width + steps - 1, top_k, top_p)
+            steps += 1
+        self._harvest(st, range(st.rows), row_of, steps, results, index)
+        return [results[r] for r in range(len(prompts))]
+
+    def _prepare(self, prompts: list[list[int]], length: int, s: Sampling) -> _Slots:
+        """Slots for this batch (grown if needed, which drops the graphs), with per-batch state set."""
+        rows = self._rows_for(len(prompts))
+        st = self._slots
+        if st is None or rows > st.capacity[0] or length > st.capacity[1]:
+            cap_rows = max(rows, st.capacity[0] if st else 0)
+            cap_len = _round_up(max(length, st.capacity[1] if st else 0), KV_STEP)
+            self._slots = st = None
+            self._graphs, self._pool = {}, None
+            st = self._slots = _Slots.allocate(cap_rows, cap_len, self.config.vocab_size, self.device)
+        st.rows = rows
+        st.temperature.fill_(s.temperature)
+        st.top_p.fill_(s.top_p)
+        st.is_stop.zero_()
+        stop = [t for t in set(self.eos_ids) | set(s.stop_token_ids) if 0 <= t < self.config.vocab_size]
+        if stop:
+            st.is_stop[torch.tensor(stop, device=self.device)] = True
+        st.done[:rows] = torch.arange(rows, device=self.device) >= len(prompts)   # padding rows count as done
+        st.lengths.zero_()
+        st.col.zero_()
+        return st
+
+    def _rows_for(self, n: int) -> int:
+        """Rows to decode n sequences with: with fixed shapes, the next of 1, 2, 4, 8, 16, 24, ..."""
+        if not self.fixed_shapes:
+            return n
+        return min(r for r in {1, 2, 4, self.max_num_seqs, *range(8, self.max_num_seqs, 8)} if r >= n)
+
+    def _prefill(self, st: _Slots, prompts: list[list[int]], width: int) -> torch.Tensor:
+        rows = st.rows
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((rows, width), dtype=torch.bool)
+        for r, p in enumerate(prompts):  # left padding: every row's next token goes to the same position
             ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: cache})
-        stop = torch.tensor(sorted(set(self.eos_ids) | set(s.stop_token_ids)) or [-1], device=self.device)
-        tokens, logprobs = [], []
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        lengths = torch.zeros(b, dtype=torch.long, device=self.device)
-        for _ in range(s.max_tokens):
-            logp = torch.log_softmax(out.logits[:, -1].float() / s.temperature, dim=-1)
-            tok = self._sample(logp, s, generator)
-            tokens.append(tok)
-            logprobs.append(logp.gather(-1, tok[:, None])[:, 0])
-            lengths += (~done).long()
-            done |= torch.isin(tok, stop)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self._cache_kw: cache})
-        toks = torch.stack(tokens, 1).cpu()
-        lps = torch.stack(logprobs, 1).cpu()
-        lengths, done = lengths.cpu(), done.cpu()
-        return [Generation(prompt_index=index[r], response_ids=toks[r, : lengths[r]].tolist(),
-                           logprobs=lps[r, : lengths[r]].tolist(),
-                           finish_reason="stop" if done[r] else "length", policy_version=self._version)
-                for r in range(b)]
+            valid[r, width - len(p):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        st.valid[:rows].zero_()
+        st.valid[:rows, :width] = valid
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
+        # each position also attends to itself, so padding stays finite (its keys are never attended)
+        mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        st.cache.rows, st.cache.kv_len = rows, width
+        st.cache.write_pos = torch.arange(width, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: st.cache})
+        st.pos[:rows] = valid.sum(-1)
+        st.write_pos.fill_(width)
+        return out.logits[:, -1]
+
+    def _step(self, st: _Slots, write: int, top_k: int, top_p: bool) -> None:
+        """One token for every row: the last one goes in at cache position `write`."""
+        if not self.fixed_shapes:
+            return self._decode(st, write + 1, top_k, top_p)
+        key = (st.rows, min(_round_up(write + 1, KV_STEP), st.capacity[1]), top_k, top_p)
+        if not self._capture:
+            return self._decode(st, *key[1:])
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph.replay()
+        # First time for this shape: run it eagerly (on a side stream, as capture wants, which also
+        # warms up what capture cannot initialise), then capture it: capturing runs nothing.
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._decode(st, *key[1:])
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._decode(st, *key[1:])
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed, decoding eagerly from now on (models.policy.enforce_eager=True "
+                        "skips the attempt): %s", exc)
+            self._capture, self._graphs, self._pool = False, {}, None
+            return
+        self._graphs[key] = graph
+
+    def _decode(self, st: _Slots, kv_len: int, top_k: int, top_p: bool) -> None:
+        """The step a graph captures: feed the last tokens, sample the next. No host syncs, fixed shapes."""
+        rows = st.rows
+        st.valid[:rows].index_fill_(1, st.write_pos, True)
+        mask = torch.where(st.valid[:rows, None, None, :kv_len], *self._mask_values)
+        st.cache.rows, st.cache.kv_len, st.cache.write_pos = rows, kv_len, st.write_pos
+        out = self.model(input_ids=st.tok[:rows, None], attention_mask=mask, position_ids=st.pos[:rows, None],
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: st.cache})
+        st.pos[:rows] += 1
+        st.write_pos += 1
+        self._record(st, out.logits[:, -1], top_k, top_p)
+
+    def _record(self, st: _Slots, logits: torch.Tensor, top_k: int, top_p: bool) -> None:
+        rows = st.rows
+        logp = torch.log_softmax(logits.float() / st.temperature, dim=-1)
+        tok = self._sample(logp, st.noise[:rows], top_k, st.top_p if top_p else None)
+        st.out_tok[:rows].index_copy_(1, st.col, tok[:, None])
+        st.out_lp[:rows].index_copy_(1, st.col, logp.gather(-1, tok[:, None]))
+        st.col += 1
+        st.lengths[:rows] += (~st.done[:rows]).long()
+        st.done[:rows] |= st.is_stop[tok]
+        st.tok[:rows] = tok
 
     @staticmethod
-    def _sample(logp: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
-        """Samples from softmax(logits/T) restricted by top-k and top-p."""
+    def _sample(logp: torch.Tensor, noise: torch.Tensor, top_k: int, top_p: torch.Tensor | None) -> torch.Tensor:
+        """Samples from softmax(logp) restricted by top-k and top-p: argmax of p / noise with
+        exponential noise picks token i with probability p_i (what torch.multinomial does for one
+        sample), with the noise drawn outside so a graph needs no random state."""
         scores = logp
-        if s.top_k > 0 and s.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, s.top_k, dim=-1).values[:, -1:]
+        if top_k:
+            kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
-        if s.top_p < 1.0:
+        if top_p is not None:
             sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
             probs = torch.softmax(sorted_scores, dim=-1)
-            drop = probs.cumsum(-1) - probs > s.top_p   # keeps the smallest prefix reaching top_p
+            drop = probs.cumsum(-1) - probs > top_p   # keeps the smallest prefix reaching top_p
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return (scores - noise.clamp(min=torch.finfo(noise.dtype).tiny).log()).argmax(-1)
+
+    def _drop_finished(self, st: _Slots, live: torch.Tensor, row_of: list[int], steps: int, written: int,
+                       results: dict[int, Generation], index: list[int]) -> list[int]:
+        """Moves the live rows to the front and decodes fewer rows from here on, once that saves
+        enough (with fixed shapes: once they fit fewer rows). Returns the new slot -> prompt row map."""
+        n = len(live)
+        rows = self._rows_for(n)
+        if rows >= st.rows or (not self.fixed_shapes and n > st.rows * 3 // 4):
+            return row_of
+        live_set = set(live.tolist())
+        self._harvest(st, [r for r in range(st.rows) if r not in live_set], row_of, steps, results, index)
+        # padding up to `rows` repeats a finished row; it stays done and is never harvested
+        finished = next((r for r in range(st.rows) if r not in live_set), 0)
+        keep = torch.cat([live, live.new_full((rows - n,), finished)])
+        for t in (st.tok, st.pos, st.done, st.lengths):
+            t[:rows] = t[: st.rows].index_select(0, keep)
+        st.valid[:rows, :written] = st.valid[: st.rows, :written].index_select(0, keep)
+        for t in (st.out_tok, st.out_lp):
+            t[:rows, :steps] = t[: st.rows, :steps].index_select(0, keep)
+        st.cache.rows, st.cache.kv_len = st.rows, written
+        st.cache.keep_rows(keep)
+        new_row_of = [row_of[r] for r in live.tolist()] + [-1] * (rows - n)
+        st.rows = rows
+        return new_row_of
+
+    def _harvest(self, st: _Slots, slot_rows, row_of: list[int], steps: int, results: dict[int, Generation],
+                 index: list[int]) -> None:
+        slot_rows = [r for r in slot_rows if row_of[r] >= 0 and row_of[r] not in results]
+        if not slot_rows:
+            return
+        sel = torch.tensor(slot_rows, device=self.device)
+        toks = st.out_tok[:, :steps].index_select(0, sel).cpu()
+        lps = st.out_lp[:, :steps].index_select(0, sel).cpu()
+        lengths, done = st.lengths.index_select(0, sel).cpu(), st.done.index_select(0, sel).cpu()
+        for k, r in enumerate(slot_rows):
+            row = row_of[r]
+            results[row] = Generation(prompt_index=index[row], response_ids=toks[k, : lengths[k]].tolist(),
+                                      logprobs=lps[k, : lengths[k]].tolist(),
+                                      finish_reason="stop" if done[k] else "length", policy_version=self._version)
 
     # ---- weights ------------------------------------------------------------------------------
     def stage_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -128,6 +323,7 @@ class BuiltinEngine(Engine):
         if self._staged_version != version:
             raise ValueError(f"no staged weights for version {version} (staged: {self._staged_version})")
         with self._lock:
+            # in place: captured CUDA graphs read the parameters' storage, so they see the new weights
             for name, tensor in self._staged.items():
                 self._params[name].data.copy_(tensor)
             self._version = version
