@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ENGINES = ("builtin", "vllm")
 BACKENDS = ("fsdp", "megatron")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -78,6 +79,10 @@ class OptimizerConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     clip_grad: float = 1.0  # max global gradient norm
+    lr_warmup_iters: int = 0  # optimizer steps of linear warmup from 0 to lr
+    lr_decay_style: str = "constant"  # after warmup: constant, linear or cosine decay to min_lr
+    lr_decay_iters: int = 0  # steps (warmup included) until min_lr is reached; 0 = the whole run
+    min_lr: float = 0.0  # learning rate at the end of the decay
 
 
 @dataclass
@@ -96,7 +101,7 @@ class PolicyTrainerConfig:
     neg_clip_ratio: float = 0.2  # lower clip: ratio >= 1 - neg_clip_ratio
     ulysses_sequence_parallel_size: int = 1  # devices one sequence is split over (Ulysses)
     groupgemm: bool = False  # grouped GEMM for MoE experts
-    ref_offload: bool = False  # keep the reference model on CPU between uses
+    ref_offload: bool = False  # keep the reference model's shards in host memory between uses (GPU)
     save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
 
 
@@ -204,25 +209,24 @@ _RANGES: list[_Check] = [
     _one_of("models.policy_trainer.backend", BACKENDS),
     _one_of("models.policy_trainer.dtype", TRAINER_DTYPES),
     ("models.policy_trainer.optimizer.lr", lambda v: v > 0, "> 0"),
-    *[(f"models.policy_trainer.{k}", lambda v: v >= 1, ">= 1") for k in (
-        "max_token_in_packing", "ulysses_sequence_parallel_size")],
+    _one_of("models.policy_trainer.optimizer.lr_decay_style", LR_DECAY_STYLES),
+    *[(f"models.policy_trainer.optimizer.{k}", lambda v: v >= 0, ">= 0") for k in (
+        "lr_warmup_iters", "lr_decay_iters", "min_lr")],
+    ("models.policy_trainer.max_token_in_packing", lambda v: v >= 1, ">= 1"),
+    ("models.policy_trainer.ulysses_sequence_parallel_size", lambda v: v >= 1 and not v & (v - 1),
+     "a power of two (1, 2, 4, 8, ...) dividing the trainer's GPUs per node and the model's heads"),
     *[(f"models.policy_trainer.{k}", lambda v: v >= 0, ">= 0") for k in (
         "kl_coef", "entropy_coef", "pos_clip_ratio", "neg_clip_ratio")],
 ]
 
 # Accepted by the schema but not implemented yet: delete a row when its feature lands.
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
-_TRAINER_TODO = "{key}={value} is accepted but not implemented by the {backend} backend yet"
 NOT_IMPLEMENTED: list[tuple[str, Callable[[Any, RLConfig], bool], str]] = [
     ("models.policy_trainer.backend", lambda v, c: v == "megatron",
      "{key}={value}: trainer backend 'megatron' not implemented yet; use {key}=fsdp"),
     ("models.policy.tensor_model_parallel_size",
      lambda v, c: v > 1 and c.models.policy.engine == "builtin",
      "{key}={value}: the built-in engine runs one device; use models.policy.engine=vllm"),
-    ("models.policy_trainer.ulysses_sequence_parallel_size", lambda v, c: v > 1, _TRAINER_TODO),
-    ("models.policy_trainer.groupgemm", lambda v, c: v, _TRAINER_TODO),
-    ("models.policy_trainer.meta_init", lambda v, c: v, _TRAINER_TODO),
-    ("models.policy_trainer.ref_offload", lambda v, c: v, _TRAINER_TODO),
 ]
 
 

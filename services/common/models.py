@@ -45,19 +45,20 @@ def has_weights(path: str) -> bool:
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
-                   key: str = "models.policy.load") -> PreTrainedModel:
-    """Loads weights from `path`, or random-initialises from its config.json when it has none."""
+                   key: str = "models.policy.load", **kwargs) -> PreTrainedModel:
+    """Loads weights from `path`, or random-initialises from its config.json when it has none.
+    `kwargs` go to transformers (e.g. experts_implementation)."""
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{key}={path!r} is not a model directory (no config.json); "
                              f"point it at an HF model directory")
     try:
         if has_weights(path):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
         else:
             config = AutoConfig.from_pretrained(path)
             with torch.random.fork_rng(devices=[]), torch.device(device):   # init where it will live
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{key}={path!r} could not be loaded: {exc}") from exc
     return model.to(device)

@@ -32,21 +32,24 @@ def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
     raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
 
 
-def balance(micro_batches: list[MicroBatch], ranks: int) -> list[list[MicroBatch]]:
+def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1) -> list[list[MicroBatch]]:
     """Every rank gets the same number of micro-batches (FSDP's collectives require it), with
     tokens spread evenly: longest first, dealt in snake order. Missing slots are filled with a
-    copy of a real micro-batch whose loss mask is empty (forward and backward, zero gradient)."""
+    copy of a real micro-batch whose loss mask is empty (forward and backward, zero gradient).
+    With sequence parallelism (`sp` > 1) the deal is to the ranks // sp SP groups of consecutive
+    ranks, and every rank of a group gets its group's list (each runs its slice of every row)."""
+    groups = ranks // sp
     order = sorted(micro_batches, key=lambda mb: -mb.num_tokens)
-    while len(order) % ranks:
+    while len(order) % groups:
         filler = order[-1]
         order.append(MicroBatch(filler.input_ids, filler.seq_lens, torch.zeros_like(filler.loss_mask),
                                 filler.old_logprobs, filler.advantages, filler.versions, filler.num_global_tokens,
                                 filler.temperature, filler.padded, filler.step))
-    shards: list[list[MicroBatch]] = [[] for _ in range(ranks)]
+    shards: list[list[MicroBatch]] = [[] for _ in range(groups)]
     for i, mb in enumerate(order):
-        lap, pos = divmod(i, ranks)
-        shards[pos if lap % 2 == 0 else ranks - 1 - pos].append(mb)
-    return shards
+        lap, pos = divmod(i, groups)
+        shards[pos if lap % 2 == 0 else groups - 1 - pos].append(mb)
+    return [shards[rank // sp] for rank in range(ranks)]
 
 
 class TrainerRanks:
@@ -58,6 +61,7 @@ class TrainerRanks:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         self.backend: TrainerBackend | None = None
+        self.sp = 1   # models.policy_trainer.ulysses_sequence_parallel_size of the run set up
         self.transport: weight_sync.WeightTransport | None = None   # rank 0 only: it sends for all
 
     # ---- the channel ---------------------------------------------------------------------------
@@ -90,14 +94,16 @@ class TrainerRanks:
         # The old run's model goes first: two copies of a large model need not fit (the config itself
         # was validated by rank 0 before any rank got here).
         self.backend = None
-        self.backend = build_backend(load_config(config_yaml), self.device)
+        cfg = load_config(config_yaml)
+        self.backend = build_backend(cfg, self.device)
+        self.sp = cfg.models.policy_trainer.ulysses_sequence_parallel_size
 
     def _train(self, micro_batches: list[MicroBatch] | None = None) -> dict[str, float]:
         """Rank 0 holds the step's micro-batches (payload); each rank receives its balanced share."""
         mine: list = [None]
         if self.world > 1:
-            dist.scatter_object_list(mine, balance(micro_batches, self.world) if self.rank == 0 else None, src=0,
-                                     group=self.control)
+            shares = balance(micro_batches, self.world, self.sp) if self.rank == 0 else None
+            dist.scatter_object_list(mine, shares, src=0, group=self.control)
         else:
             mine = [micro_batches]
         start = time.perf_counter()

@@ -167,18 +167,6 @@ def test_range_errors_name_key_and_range(override: str, expected: list[str]) -> 
         ("models.policy.tensor_model_parallel_size=2",
          "models.policy.tensor_model_parallel_size=2: the built-in engine runs one device; "
          "use models.policy.engine=vllm"),
-        ("models.policy_trainer.ulysses_sequence_parallel_size=2",
-         "models.policy_trainer.ulysses_sequence_parallel_size=2 is accepted but not implemented"
-         " by the fsdp backend yet"),
-        ("models.policy_trainer.groupgemm=True",
-         "models.policy_trainer.groupgemm=True is accepted but not implemented by the fsdp"
-         " backend yet"),
-        ("models.policy_trainer.meta_init=True",
-         "models.policy_trainer.meta_init=True is accepted but not implemented by the fsdp"
-         " backend yet"),
-        ("models.policy_trainer.ref_offload=True",
-         "models.policy_trainer.ref_offload=True is accepted but not implemented by the fsdp"
-         " backend yet"),
     ],
 )
 def test_not_implemented_rows_raise(override: str, expected: str) -> None:
@@ -187,10 +175,7 @@ def test_not_implemented_rows_raise(override: str, expected: str) -> None:
 
 def test_every_not_implemented_row_is_tested() -> None:
     tested = {"models.policy_trainer.backend",
-              "models.policy.tensor_model_parallel_size",
-              "models.policy_trainer.ulysses_sequence_parallel_size",
-              "models.policy_trainer.groupgemm", "models.policy_trainer.meta_init",
-              "models.policy_trainer.ref_offload"}
+              "models.policy.tensor_model_parallel_size"}
     assert {key for key, _, _ in NOT_IMPLEMENTED} == tested
 
 

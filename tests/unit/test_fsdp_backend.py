@@ -214,6 +214,18 @@ def test_oom_guidance_names_the_config_keys(backend, tiny_model_dir, monkeypatch
     assert all(torch.equal(before[n], t) for n, t in _params(backend).items())
 
 
+def test_oom_in_the_optimizer_step_says_how_much_each_rank_holds(backend, monkeypatch):
+    monkeypatch.setattr(backend.optimizer, "step", _raise_oom)
+    params = sum(p.numel() for p in backend.model.parameters())
+    before, step = _params(backend), backend.step
+    with pytest.raises(OutOfMemoryGuidance) as info:
+        backend.train_step([_mb(_seqs(seed=3))])
+    message = str(info.value)
+    assert "optimizer step" in message and "--nproc-per-node" in message
+    assert f"{16 * params / 2**30:.1f} GiB on each of the 1 trainer rank(s)" in message
+    assert backend.step == step and all(torch.equal(before[n], t) for n, t in _params(backend).items())
+
+
 # ---- checkpoint -------------------------------------------------------------------------------------
 
 def test_save_checkpoint(backend, tmp_path):

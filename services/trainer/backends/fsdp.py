@@ -2,6 +2,7 @@
 so the same code runs on one CPU process (gloo) or N GPUs (NCCL)."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -12,7 +13,6 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -20,16 +20,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
 from services.common.batches import MicroBatch
 from services.common.config import RLConfig
-from services.common.models import load_causal_lm, resolve_dtype
+from services.common.models import resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer.backend import TrainerBackend
+from services.trainer.build import build_sharded
 from services.trainer.loss import LossConfig, policy_loss, token_logprobs_and_entropy
+from services.trainer.optim import build_optimizer
+from services.trainer.ulysses import SequenceParallel
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,15 @@ def oom_guidance(cfg: RLConfig, longest_sequence: int) -> str:
             f"(now {cfg.runtime_args.train_micro_batch_size}), or set models.policy_trainer.packing=True")
 
 
+def optimizer_oom_guidance(params: int, world_size: int, kl: bool) -> str:
+    """OOM in the optimizer step: what fp32 master weights, gradients and AdamW state take per rank."""
+    per_rank = 16 * params / world_size / 2**30
+    hint = "" if not kl else "; with kl_coef > 0, models.policy_trainer.ref_offload=True moves the reference to host"
+    return (f"CUDA out of memory in the optimizer step: fp32 weights, gradients and AdamW state take 16 bytes per "
+            f"parameter, {per_rank:.1f} GiB on each of the {world_size} trainer rank(s) for {params / 1e9:.2f}B "
+            f"parameters; run the trainer on more GPUs (torchrun --nproc-per-node, sharded by FSDP){hint}")
+
+
 class FSDPBackend(TrainerBackend):
     def __init__(self, cfg: RLConfig, device: torch.device):
         self.cfg = cfg
@@ -73,40 +86,32 @@ class FSDPBackend(TrainerBackend):
         init_distributed(device)
         self.compute_dtype = resolve_dtype(t.dtype, device)
         self.world_size = dist.get_world_size()
+        self.sp = SequenceParallel.create(t.ulysses_sequence_parallel_size, self.world_size, t.load)
         mesh = init_device_mesh(device.type, (self.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
               if self.compute_dtype != torch.float32 else MixedPrecisionPolicy())
         try:
-            self.model = self._build(t.load, mesh, mp, train=True)
-            self.ref = self._build(t.load, mesh, mp, train=False) if t.kl_coef > 0 else None
+            self.model = build_sharded(cfg, device, mesh, mp, train=True)
+            # the KL reference: a frozen copy sharded like the policy, optionally kept in host memory
+            offload = t.ref_offload and device.type == "cuda"   # on a CPU trainer it is in host memory anyway
+            self.ref = (build_sharded(cfg, device, mesh, mp, train=False, offload=offload, copy_of=self.model)
+                        if t.kl_coef > 0 else None)
         except MemoryError as exc:
             raise MemoryError(f"host out of memory while loading {t.load}: set models.policy_trainer.meta_init=True "
                               f"so each rank materialises only its shard") from exc
-        o = t.optimizer
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                                           eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg)
         self.loss_cfg = LossConfig(pos_clip_ratio=t.pos_clip_ratio, neg_clip_ratio=t.neg_clip_ratio,
                                    kl_coef=t.kl_coef, entropy_coef=t.entropy_coef)
         self._step = 0
         self._names = [n for n, _ in self.model.named_parameters()]
-
-    def _build(self, path: str, mesh, mp: MixedPrecisionPolicy, *, train: bool) -> torch.nn.Module:
-        # fp32 master weights; FSDP casts to the compute dtype per layer for forward/backward.
-        model = load_causal_lm(path, dtype=torch.float32, device=self.device, seed=self.cfg.runtime_args.seed,
-                               key="models.policy_trainer.load")
-        if train and self.cfg.models.policy_trainer.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        if not train:
-            model.eval().requires_grad_(False)
-        return model
+        if self.sp:
+            self.sp.use_in(self.model, self.ref)
 
     # ---- forward ------------------------------------------------------------------------------
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool):
         ids = mb.input_ids.to(self.device)
+        if self.sp:   # a padded micro-batch runs packed too: the same logprobs, no padding to send around
+            return self.sp.logprobs(model, ids, mb.seq_lens, mb.temperature, with_entropy)
         if mb.padded:
             rows = torch.split(ids, mb.seq_lens)
             width = max(mb.seq_lens)
@@ -143,7 +148,7 @@ class FSDPBackend(TrainerBackend):
                 lp, ent = self._logprobs(self.model, mb, with_entropy=True)
                 if self.loss_cfg.entropy_coef == 0:
                     ent = ent.detach()
-                dev = lambda x: x.to(self.device)  # noqa: E731
+                dev = lambda x: self.sp.shard(x.to(self.device)) if self.sp else x.to(self.device)  # noqa: E731
                 loss, metrics = policy_loss(lp, dev(mb.old_logprobs), dev(mb.advantages), dev(mb.loss_mask),
                                             cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
                                             ref_logprobs=ref, entropy=ent)
@@ -152,8 +157,9 @@ class FSDPBackend(TrainerBackend):
                 (loss * self.world_size).backward()
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
-                tokens += mb.num_tokens
-                count += 1
+                share = 1 / self.sp.size if self.sp else 1   # an SP group counts its micro-batch once
+                tokens += mb.num_tokens * share
+                count += share
         except torch.OutOfMemoryError as exc:
             self.optimizer.zero_grad(set_to_none=True)
             raise OutOfMemoryGuidance(oom_guidance(self.cfg, longest)) from exc
@@ -163,19 +169,28 @@ class FSDPBackend(TrainerBackend):
         if count == 0:
             raise ValueError("Train received no micro-batches")
         clip = self.cfg.models.policy_trainer.optimizer.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.optimizer.step()   # AdamW allocates its state (2 x fp32 shards) at the first step
+        except torch.OutOfMemoryError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            params = sum(p.numel() for p in self.model.parameters())
+            raise OutOfMemoryGuidance(optimizer_oom_guidance(params, self.world_size, self.ref is not None)) from exc
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
         totals.update(grad_norm=float(norm), tokens=float(tokens), micro_batches=float(count),
-                      lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+                      lr=lr, seconds=time.perf_counter() - start)
         return totals
 
     @torch.no_grad()
     def compute_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         self.model.eval()
         lp, _ = self._logprobs(self.model, batch, with_entropy=False)
+        if self.sp:
+            lp = self.sp.gather(lp, batch.num_tokens)
         return lp.float().cpu()
 
     def param_specs(self) -> list[ParamMeta]:
@@ -189,7 +204,11 @@ class FSDPBackend(TrainerBackend):
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, os.path.join(path, f"rng-rank{dist.get_rank()}.pt"))
         if dist.get_rank() == 0:
             with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
                 json.dump({"step": self._step, **extra}, f)
@@ -199,14 +218,14 @@ class FSDPBackend(TrainerBackend):
         state = get_model_state_dict(self.model, options=options)
         if dist.get_rank() != 0:
             return
-        os.makedirs(path, exist_ok=True)
-        config = self.model.config
-        tensors = {k: v.to(self.compute_dtype).contiguous() for k, v in state.items()}
-        if getattr(config, "tie_word_embeddings", False):
-            tensors.pop("lm_head.weight", None)   # one tensor, stored once (transformers re-ties it)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        # transformers writes it: its own on-disk layout (per-expert MoE weights, tied weights once, shards)
+        config = copy.deepcopy(self.model.config)
         config.torch_dtype = self.compute_dtype
-        config.save_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.compute_dtype)
+        model.load_state_dict({k: v.to(self.compute_dtype) for k, v in state.items()}, assign=True)
+        model.tie_weights()
+        model.save_pretrained(path)
         source = self.cfg.models.policy_trainer.load
         for name in os.listdir(source):   # tokenizer and generation config travel with the weights
             if name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config", "vocab",
@@ -218,9 +237,16 @@ class FSDPBackend(TrainerBackend):
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no rlgrid_meta.json)")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)   # DCP reshards: the saving world size need not match
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
+        if os.path.isfile(rng_path):   # a rank the saving run did not have keeps its own RNG
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         with open(meta_path) as f:
             meta = json.load(f)
         self._step = int(meta.pop("step"))
