@@ -12,7 +12,12 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
 from bench.common import machine, pin_gpu, write_result  # noqa: E402
+from bench.gpu_trainer import SHAPES  # noqa: E402
+from bench.weight_sync import measure_raw  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
 from rlgrid.v1 import coordinator_pb2_grpc  # noqa: E402
 from services.common.rpc import make_channel  # noqa: E402
@@ -30,13 +35,36 @@ def main() -> None:
     parser.add_argument("--engine", default="builtin", choices=["builtin", "vllm"], help="models.policy.engine")
     parser.add_argument("--trainer-ranks", type=int, default=1,
                         help="trainer ranks under torchrun, one per GPU from cuda:0 (then --trainer-device is ignored)")
+    parser.add_argument("--shape", default="toy", choices=["toy", *SHAPES],
+                        help="model shape: toy (learns the toy task) or a Qwen3 shape (random init, for timing)")
+    parser.add_argument("--samples", type=int, default=64, help="runtime_args.sample_per_episode")
+    parser.add_argument("--max-response", type=int, default=0, help="models.policy.max_response_tokens_length")
+    parser.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
+    parser.add_argument("--raw-iters", type=int, default=0,
+                        help="also time a raw NCCL broadcast of the synced bytes from trainer rank 0 to the replicas")
     parser.add_argument("--out")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rlgrid-gpu-")
-    data = make_toy_dataset(os.path.join(work, "toy.jsonl"), n=256)
-    # vLLM loads weights from disk, so that model directory has them (random, seeded)
-    model = build_tiny_model(os.path.join(work, "model"), toy_vocabulary(), with_weights=args.engine == "vllm",
-                             hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1024)
+    data = make_toy_dataset(os.path.join(work, "toy.jsonl"), n=max(256, args.samples))
+    model = os.path.join(work, "model")
+    if args.shape == "toy":   # vLLM loads weights from disk, so that model directory has them (random, seeded)
+        build_tiny_model(model, toy_vocabulary(), with_weights=args.engine == "vllm",
+                         hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1024)
+    else:   # the toy tokenizer with a real model shape; ids beyond the tokenizer decode to nothing
+        build_tiny_model(model, toy_vocabulary(), with_weights=False)
+        tiny = AutoConfig.from_pretrained(model)
+        spec = dict(SHAPES[args.shape])
+        config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=8192, **spec,
+                                      eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
+                                      bos_token_id=tiny.bos_token_id)
+        if args.engine == "vllm":
+            with torch.device("cuda"):
+                AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model)
+            torch.cuda.empty_cache()
+        else:
+            config.save_pretrained(model)
+    trainer_gpus = [f"cuda:{r}" for r in range(args.trainer_ranks)] if args.trainer_ranks > 1 else [args.trainer_device]
+    gpus = len({g for d in (*trainer_gpus, *args.rollout_devices) for g in d.removeprefix("cuda:").split(",")})
     cluster = LocalCluster(os.path.join(work, "logs"))
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
@@ -58,7 +86,12 @@ def main() -> None:
                      f"runtime_args.logprob_diff_threshold={args.threshold}", "runtime_args.agreement_samples=16",
                      "models.policy.dtype=auto", "models.policy_trainer.dtype=auto", f"models.policy.engine={args.engine}",
                      "models.policy.gpu_memory_utilization=0.5",
-                     "models.policy_trainer.optimizer.lr=0.001"]
+                     "models.policy_trainer.optimizer.lr=0.001", f"runtime_args.sample_per_episode={args.samples}",
+                     f"runtime_args.train_global_batch_size={args.samples}"]
+        if args.max_response:
+            overrides += [f"models.policy.max_response_tokens_length={args.max_response}",
+                          f"models.policy_trainer.max_token_in_packing={max(8192, args.max_response + 1024)}"]
+        overrides += args.set
         with open(os.path.join(ROOT, "configs", "demo_cpu.yaml")) as f:
             run = stub.StartRun(cpb.StartRunRequest(config_yaml=f.read(), overrides=overrides))
         events = list(stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=1200))
@@ -68,8 +101,22 @@ def main() -> None:
     finally:
         cluster.stop_all()
     steps = [dict(e.metrics) for e in events if e.metrics]
+    timed = steps[1:] or steps   # the first step includes warm-up (CUDA graphs, allocator)
+    breakdown = {k: statistics.median(s[k] for s in timed) for k in sorted(timed[0]) if k.startswith("time/")} \
+        if timed else {}
+    extra = {}
+    if steps and args.raw_iters:
+        trainer0 = "cuda:0" if args.trainer_ranks > 1 else args.trainer_device
+        raw = measure_raw([trainer0, *args.rollout_devices], int(steps[-1]["sync/bytes"]), args.raw_iters)
+        extra = {"raw_broadcast_seconds": statistics.median(raw),
+                 "sync_ratio_raw_over_ours": statistics.median(raw) / breakdown["time/sync"]}
     write_result(args.out, {
-        "benchmark": "gpu_grpo", "engine": args.engine, "trainer_ranks": args.trainer_ranks, "machine": machine(), "command": " ".join(["python"] + sys.argv),
+        "benchmark": "gpu_grpo", "engine": args.engine, "shape": args.shape, "trainer_ranks": args.trainer_ranks,
+        "rollout_replicas": len(args.rollout_devices), "gpus": gpus, "machine": machine(),
+        "command": " ".join(["python"] + sys.argv),
+        "median_step_breakdown_seconds": breakdown, **extra,
+        "train_tokens_per_s_per_gpu": (statistics.median(s["train/tokens"] / s["time/step"] for s in timed) / gpus
+                                       if timed else None),
         "state": cpb.RunState.Name(info.state), "error": info.error, "weight_sync_backend": backend,
         "dtype": "bfloat16 (trainer: fp32 master weights, bf16 compute; rollout: bf16)",
         "max_agreement_diff": max((s["agreement/max_abs_diff"] for s in steps), default=None),

@@ -47,7 +47,7 @@ def raw_broadcast(rank: int, port: int, devices: list[str], nbytes: int, iters: 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(devices),
                             timeout=datetime.timedelta(seconds=300),
                             device_id=device if device.type == "cuda" else None)
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -68,10 +68,11 @@ def raw_broadcast(rank: int, port: int, devices: list[str], nbytes: int, iters: 
 
 
 def measure_raw(devices: list[str], nbytes: int, iters: int) -> list[float]:
+    """A raw broadcast of `nbytes` from devices[0] to all the others, one process per device."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=raw_broadcast, args=(r, port, devices, nbytes, iters, out)) for r in range(2)]
+    procs = [ctx.Process(target=raw_broadcast, args=(r, port, devices, nbytes, iters, out)) for r in range(len(devices))]
     for p in procs:
         p.start()
     times = out.get(timeout=600)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The trainer-at-scale checks and the 4-GPU scale rows on one 4-GPU machine (the device tool's
+# nvidia-h100-x4), one part per call (each fits the 10-minute limit):
+#   bash bench/gpu_scale_check.sh trainer   # SP=2, GroupGEMM, ref offload; meta_init RSS (8B); DCP 2 -> 4 and 1
+#   bash bench/gpu_scale_check.sh grpo      # GRPO with packing on a 4-rank trainer; Qwen3-8B rows; scaling
+#   bash bench/gpu_scale_check.sh vllm      # after the vLLM pieces (and ray: .vl/r0, .vl/r1) reached /root/vl:
+#                                           # vLLM TP=2 through Ray's executor, NCCL sync into both TP workers
+# Results (JSON) go to $OUT, else bench/results/. Missing pure-Python wheels travel in .whl/.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD:$PWD/protos PYTHONUNBUFFERED=1
+out=${OUT:-bench/results}
+nvidia-smi -L
+run() { echo "+ $*"; "$@"; }
+
+case "$1" in
+trainer)
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py features --out "$out/trainer_features.jsonl"
+  run python3 bench/gpu_trainer.py write-weights --shape qwen3-8b --dir /tmp/m8b --out "$out/trainer_meta_init.jsonl"
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py load --dir /tmp/m8b --meta-init --out "$out/trainer_meta_init.jsonl"
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py load --dir /tmp/m8b --out "$out/trainer_meta_init.jsonl"
+  run torchrun --nproc-per-node 2 bench/gpu_trainer.py resume-save --dir /tmp/ck --out "$out/trainer_resume.jsonl"
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py resume-load --dir /tmp/ck --out "$out/trainer_resume.jsonl"
+  run torchrun --nproc-per-node 1 bench/gpu_trainer.py resume-load --dir /tmp/ck --out "$out/trainer_resume.jsonl"
+  ;;
+grpo)
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py features --only-ref --out "$out/trainer_features.jsonl"
+  # FSDP on 4 GPUs, a GRPO run with packing (the 4-rank trainer shares GPU 3 with the replica)
+  run python3 bench/gpu_grpo.py --trainer-ranks 4 --rollout-devices cuda:3 --steps 3 --out "$out/gpu_grpo_trainer4.json"
+  # scale rows: Qwen3-8B shape, 2-GPU trainer + two 1-GPU replicas; Qwen3-1.7B on 2 and 4 GPUs
+  common=(--samples 64 --max-response 512 --steps 3 --raw-iters 3 --threshold 2
+          --set models.policy_trainer.gradient_checkpointing=True runtime_args.num_inference_per_prompt=8)
+  run python3 bench/gpu_grpo.py --shape qwen3-8b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
+    --out "$out/scale_qwen3-8b_4gpu.json" || true
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:1 "${common[@]}" \
+    --out "$out/scale_qwen3-1.7b_2gpu.json"
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
+    --out "$out/scale_qwen3-1.7b_4gpu.json"
+  ;;
+vllm)
+  for w in vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl:vllm.part ray-2.52.0-cp312-cp312-manylinux2014_x86_64.whl:raypart; do
+    if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
+  export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD:$PWD/protos VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0
+  export PATH=/tmp/vsite/bin:$PATH
+  python3 -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+  run python3 bench/gpu_grpo.py --engine vllm --trainer-device cuda:0 --rollout-devices cuda:1,2 --steps 3 \
+    --set models.policy.tensor_model_parallel_size=2 --out "$out/gpu_grpo_vllm_tp2_ray.json"
+  ;;
+*) echo "usage: $0 trainer|grpo|vllm" >&2; exit 2 ;;
+esac
