@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
@@ -197,10 +197,29 @@ class FSDPBackend(TrainerBackend):
         return [ParamMeta(n, self.compute_dtype, tuple(p.shape)) for n, p in self.model.named_parameters()]
 
     def full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, p in self.model.named_parameters():
-            if isinstance(p, DTensor):   # one rank holds everything: no all-gather needed
-                p = p.to_local() if p.device_mesh.size() == 1 else p.full_tensor()
-            yield name, p.detach()
+        if self.world_size == 1:   # one rank holds everything: no all-gather needed
+            for name, p in self.model.named_parameters():
+                yield name, (p.to_local() if isinstance(p, DTensor) else p).detach()
+            return
+        # One all-gather per FSDP unit (a decoder layer; the root's embedding, norm and head), in the
+        # compute dtype, as forward gathers them; not one per parameter. The root stays gathered to the end.
+        owner = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, FSDPModule):
+                owner.update({f"{prefix}.{n}" if prefix else n: module for n, _ in module.named_parameters()})
+        gathered: list[FSDPModule] = []
+        try:
+            for name, _ in list(self.model.named_parameters()):
+                unit = owner[name]
+                if unit not in gathered:
+                    if len(gathered) > 1:
+                        gathered.pop().reshard()   # the previous layer (the root stays)
+                    unit.unshard()
+                    gathered.append(unit)
+                yield name, self.model.get_parameter(name).detach()
+        finally:
+            for unit in gathered:
+                unit.reshard()
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
