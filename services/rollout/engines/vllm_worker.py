@@ -30,6 +30,25 @@ def _reprocess_tied(model) -> None:
                 module.quant_method.process_weights_after_loading(module)
 
 
+def _checkpoint_layout(tensors):
+    """HF names and shapes as vLLM's loaders expect them: transformers >= 5 (the trainer, the wire) keeps
+    MoE experts fused (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]); HF
+    checkpoints, which vLLM loads, hold one tensor per expert (`experts.<e>.gate_proj.weight` ...).
+    Views, no copies. tests/vllm/test_vllm_engine.py fails if a MoE update stops reaching vLLM."""
+    for name, t in tensors:
+        if name.endswith("experts.gate_up_proj"):
+            prefix, half = name.removesuffix("gate_up_proj"), t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", t[e, :half]
+                yield f"{prefix}{e}.up_proj.weight", t[e, half:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
 class WeightSyncExtension:
     """Methods added to vLLM's Worker; called with LLM.collective_rpc("rlgrid_...")."""
 
@@ -61,10 +80,10 @@ class WeightSyncExtension:
             raise ValueError(f"no staged weights for version {version}")
         runner = self.model_runner
         if hasattr(runner, "reload_weights"):   # vLLM >= 0.3x: re-runs post-load processing (CPU prepacking)
-            runner.reload_weights(weights_iterator=iter(staged[1]))
+            runner.reload_weights(weights_iterator=_checkpoint_layout(staged[1]))
             _reprocess_tied(runner.model)
         else:                                   # older vLLM: the model's own loader (HF names in)
-            runner.model.load_weights(weights=iter(staged[1]))
+            runner.model.load_weights(weights=_checkpoint_layout(staged[1]))
         self._rlgrid_staged = None
         return version
 
