@@ -169,32 +169,36 @@ def _chunk_logprobs_and_entropy(
     return logprobs, entropy
 
 
-def _row_logprobs_and_entropy(
-    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float, with_entropy: bool, chunk_size: int
+def selected_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`token_logprobs_and_entropy` for one row: logits [L, V], input_ids [L]."""
-    length = input_ids.shape[0]
-    lp_parts = [logits.new_zeros(min(length, 1), dtype=torch.float32)]
-    ent_parts = [logits.new_zeros(min(length, 1), dtype=torch.float32)]
-    # Under autograd each chunk is checkpointed: only the (already alive) logits
-    # slice is kept for backward and the float32 chunk is recomputed, so the
-    # float32 [L, V] intermediates are never held all at once.
+    """Log-probability of ``targets[i]`` (and the entropy) under ``softmax(logits[i] / temperature)``,
+    for logits [N, V] already taken at the predicting positions (e.g. the model's ``logits_to_keep``).
+
+    Computed in float32, ``chunk_size`` rows at a time; under autograd each chunk is checkpointed:
+    only the (already alive) logits slice is kept for backward and the float32 chunk is recomputed,
+    so the float32 [N, V] intermediates are never held all at once.
+    """
+    lp_parts = [logits.new_zeros(0, dtype=torch.float32)]
+    ent_parts = [logits.new_zeros(0, dtype=torch.float32)]
     recompute = torch.is_grad_enabled() and logits.requires_grad
-    for start in range(0, length - 1, chunk_size):
-        stop = min(start + chunk_size, length - 1)
-        chunk_logits = logits[start:stop]
-        targets = input_ids[start + 1 : stop + 1]
-        if recompute:
-            lp, ent = checkpoint(
-                _chunk_logprobs_and_entropy, chunk_logits, targets, temperature, with_entropy,
-                use_reentrant=False,
-            )
-        else:
-            lp, ent = _chunk_logprobs_and_entropy(chunk_logits, targets, temperature, with_entropy)
+    for start in range(0, targets.shape[0], chunk_size):
+        chunk = (logits[start: start + chunk_size], targets[start: start + chunk_size], temperature, with_entropy)
+        lp, ent = (checkpoint(_chunk_logprobs_and_entropy, *chunk, use_reentrant=False) if recompute
+                   else _chunk_logprobs_and_entropy(*chunk))
         lp_parts.append(lp)
         if with_entropy:
             ent_parts.append(ent)
     return torch.cat(lp_parts), (torch.cat(ent_parts) if with_entropy else None)
+
+
+def _row_logprobs_and_entropy(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float, with_entropy: bool, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs_and_entropy` for one row: logits [L, V], input_ids [L]."""
+    lp, ent = selected_logprobs_and_entropy(logits[:-1], input_ids[1:], temperature, with_entropy, chunk_size)
+    first = logits.new_zeros(min(len(input_ids), 1), dtype=torch.float32)   # token 0 has no prediction
+    return torch.cat([first, lp]), (torch.cat([first, ent]) if with_entropy else None)
 
 
 def token_logprobs_and_entropy(

@@ -167,3 +167,22 @@ def test_scheduler_and_rng_are_checkpointed(tiny_model_dir, tmp_path):
     assert torch.equal(torch.get_rng_state(), rng)
     assert b.train_step(_step(2))["lr"] == pytest.approx(next_lr) == pytest.approx(1e-2)
     assert torch.equal(torch.rand(3), next_draw)
+
+
+# ---- the LM head only where the loss reads ---------------------------------------------------------
+def test_training_on_loss_positions_only_equals_the_full_forward(tiny_model_dir, monkeypatch):
+    """train_step runs the LM head and the vocab-wide float32 work only for response tokens
+    (logits_to_keep); the step must equal one that computes every position."""
+    extra = ("models.policy_trainer.kl_coef=0.1", "models.policy_trainer.entropy_coef=0.01")
+    sparse, full = FSDPBackend(_cfg(tiny_model_dir, *extra), CPU), FSDPBackend(_cfg(tiny_model_dir, *extra), CPU)
+    everything = full._logprobs
+    monkeypatch.setattr(full, "_logprobs", lambda model, mb, with_entropy, only_loss=False:
+                        everything(model, mb, with_entropy, only_loss=False))
+    for seed in (0, 1):   # the second step has a non-zero KL
+        one, two = sparse.train_step(_step(seed)), full.train_step(_step(seed))
+        for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+            assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
+    assert one["kl"] > 0
+    a, b = _params(sparse), _params(full)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)

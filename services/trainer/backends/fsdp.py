@@ -31,7 +31,12 @@ from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer.backend import TrainerBackend
 from services.trainer.build import build_sharded
-from services.trainer.loss import LossConfig, policy_loss, token_logprobs_and_entropy
+from services.trainer.loss import (
+    LossConfig,
+    policy_loss,
+    selected_logprobs_and_entropy,
+    token_logprobs_and_entropy,
+)
 from services.trainer.optim import build_optimizer
 from services.trainer.ulysses import SequenceParallel
 
@@ -108,7 +113,10 @@ class FSDPBackend(TrainerBackend):
             self.sp.use_in(self.model, self.ref)
 
     # ---- forward ------------------------------------------------------------------------------
-    def _logprobs(self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool):
+    def _logprobs(self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool, only_loss: bool = False):
+        """Per-token logprobs (and entropies) over the micro-batch's flat tokens, 0 at sequence starts.
+        `only_loss`: exact only where the loss mask is on (0 elsewhere); a packed row then runs the
+        LM head and the float32 vocab work for those positions alone (transformers' `logits_to_keep`)."""
         ids = mb.input_ids.to(self.device)
         if self.sp:   # a padded micro-batch runs packed too: the same logprobs, no padding to send around
             return self.sp.logprobs(model, ids, mb.seq_lens, mb.temperature, with_entropy)
@@ -126,6 +134,15 @@ class FSDPBackend(TrainerBackend):
         # Packed: position ids restart per sequence; transformers derives a block-diagonal causal
         # mask from them (sdpa/eager) or uses varlen kernels (flash), so attention never crosses.
         pos = position_ids_for(mb.seq_lens).to(self.device)
+        targets = mb.loss_mask.to(self.device).nonzero().squeeze(1)
+        # (a zero-loss filler runs the full head: its backward must still reach every parameter, so
+        # every rank joins FSDP's gradient reduce-scatters)
+        if only_loss and len(targets):   # loss tokens are response tokens: their predecessor is in the sequence
+            logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                           logits_to_keep=targets - 1).logits[0]
+            lp, ent = selected_logprobs_and_entropy(logits, ids[targets], mb.temperature, with_entropy)
+            full = lambda x: ids.new_zeros(ids.shape, dtype=x.dtype).scatter(0, targets, x)  # noqa: E731
+            return full(lp), (full(ent) if ent is not None else None)
         logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
         lp, ent = token_logprobs_and_entropy(logits, ids, mb.temperature, with_entropy)
         not_start = (pos != 0).to(lp.dtype)   # the first token of a sequence has no prediction
@@ -144,8 +161,8 @@ class FSDPBackend(TrainerBackend):
                 ref = None
                 if self.ref is not None:
                     with torch.no_grad():
-                        ref, _ = self._logprobs(self.ref, mb, with_entropy=False)
-                lp, ent = self._logprobs(self.model, mb, with_entropy=True)
+                        ref, _ = self._logprobs(self.ref, mb, with_entropy=False, only_loss=True)
+                lp, ent = self._logprobs(self.model, mb, with_entropy=True, only_loss=True)
                 if self.loss_cfg.entropy_coef == 0:
                     ent = ent.detach()
                 dev = lambda x: self.sp.shard(x.to(self.device)) if self.sp else x.to(self.device)  # noqa: E731
