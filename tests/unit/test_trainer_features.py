@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -186,3 +187,11 @@ def test_training_on_loss_positions_only_equals_the_full_forward(tiny_model_dir,
     a, b = _params(sparse), _params(full)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_holds_only_its_shards_between_uses(tiny_model_dir):
+    """FSDP leaves a root unit gathered after forward (for backward); the frozen reference has no
+    backward, so the trainer reshards it after each use: between steps only shards stay allocated."""
+    backend = FSDPBackend(_cfg(tiny_model_dir, "models.policy_trainer.kl_coef=0.1"), CPU)
+    backend.train_step(_step(3))
+    assert all(isinstance(p, DTensor) for p in backend.ref.parameters())

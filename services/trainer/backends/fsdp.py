@@ -162,6 +162,11 @@ class FSDPBackend(TrainerBackend):
                 if self.ref is not None:
                     with torch.no_grad():
                         ref, _ = self._logprobs(self.ref, mb, with_entropy=False, only_loss=True)
+                    # FSDP keeps the root unit gathered after forward, for a backward the frozen
+                    # reference never runs: free it (and anything else gathered) until the next use
+                    for unit in self.ref.modules():
+                        if isinstance(unit, FSDPModule):
+                            unit.reshard()
                 lp, ent = self._logprobs(self.model, mb, with_entropy=True, only_loss=True)
                 if self.loss_cfg.entropy_coef == 0:
                     ent = ent.detach()
