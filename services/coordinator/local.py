@@ -76,13 +76,16 @@ class LocalCluster:
         for proc in list(self.procs):
             self.stop(proc)
 
-    def deploy(self, state_dir: str, replicas: int = 1, device: str = "cpu") -> tuple[Proc, Proc, list[Proc]]:
-        """A coordinator, one trainer and `replicas` rollout services registered with it, all serving."""
+    def deploy(self, state_dir: str, replicas: int = 1, device: str = "cpu", trainer_nproc: int = 1,
+               rollout_env: dict | None = None) -> tuple[Proc, Proc, list[Proc]]:
+        """A coordinator, one trainer (on `trainer_nproc` ranks) and `replicas` rollout services registered
+        with it, all serving."""
         coordinator = self.start("coordinator", "services.coordinator", "--state-dir", state_dir)
         self.wait_healthy(coordinator)
-        trainer = self.start("trainer", "services.trainer", "--coordinator", coordinator.address, "--device", device)
+        trainer = self.start("trainer", "services.trainer", "--coordinator", coordinator.address, "--device", device,
+                             nproc=trainer_nproc)
         rollouts = [self.start(f"rollout{i}", "services.rollout", "--coordinator", coordinator.address,
-                               "--device", device) for i in range(replicas)]
+                               "--device", device, env=rollout_env) for i in range(replicas)]
         for proc in [trainer, *rollouts]:
             self.wait_healthy(proc)
         return coordinator, trainer, rollouts

@@ -47,12 +47,13 @@ def build_sharded(cfg: RLConfig, device: torch.device, mesh, mp: MixedPrecisionP
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{KEY}={path!r} could not be loaded: {exc}") from exc
     extra = model_kwargs(config, cfg)
+    home = torch.device("cpu") if offload else device   # where this rank's shards live
     if t.meta_init or copy_of is not None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
                                                      **extra)
     else:
-        model = load_causal_lm(path, dtype=torch.float32, device="cpu" if offload else device,
+        model = load_causal_lm(path, dtype=torch.float32, device=home,
                                seed=cfg.runtime_args.seed, key=KEY, **extra)
     if train and t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -63,13 +64,13 @@ def build_sharded(cfg: RLConfig, device: torch.device, mesh, mp: MixedPrecisionP
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
     if copy_of is not None:
         with torch.no_grad():
-            model.to_empty(device=torch.device("cpu") if offload else device)
+            model.to_empty(device=home)
             pairs = zip([*model.parameters(), *model.buffers()], [*copy_of.parameters(), *copy_of.buffers()])
             for mine, theirs in pairs:
                 local = mine.to_local() if isinstance(mine, DTensor) else mine
                 local.copy_(theirs.to_local() if isinstance(theirs, DTensor) else theirs)
     elif t.meta_init:
-        _materialize(model, path, torch.device("cpu") if offload else device, cfg.runtime_args.seed)
+        _materialize(model, path, home, cfg.runtime_args.seed)
     if not train:
         model.eval().requires_grad_(False)
     return model

@@ -26,14 +26,9 @@ pytestmark = pytest.mark.slow
 def two_rank(tmp_path_factory):
     d = tmp_path_factory.mktemp("ranks")
     cluster = LocalCluster(str(d / "logs"))
-    coord = cluster.start("coordinator", "services.coordinator", "--state-dir", str(d / "state"))
-    cluster.wait_healthy(coord)
-    trainer2 = cluster.start("trainer-2ranks", "services.trainer", "--coordinator", coord.address, "--device", "cpu",
-                             nproc=2)
-    rollout = cluster.start("rollout", "services.rollout", "--coordinator", coord.address, "--device", "cpu")
+    coord, trainer2, _ = cluster.deploy(str(d / "state"), trainer_nproc=2)
     trainer1 = cluster.start("trainer-1rank", "services.trainer", "--device", "cpu")   # not registered
-    for proc in (trainer2, rollout, trainer1):
-        cluster.wait_healthy(proc)
+    cluster.wait_healthy(trainer1)
     yield {"coord": coord, "trainer2": trainer2, "trainer1": trainer1, "dir": d}
     cluster.stop_all()
 

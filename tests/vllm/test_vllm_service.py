@@ -25,13 +25,7 @@ pytestmark = pytest.mark.slow
 def deployment(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm-e2e")
     cluster = LocalCluster(str(d / "logs"))
-    coord = cluster.start("coordinator", "services.coordinator", "--state-dir", str(d / "state"))
-    cluster.wait_healthy(coord)
-    trainer = cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", "cpu")
-    rollout = cluster.start("rollout-vllm", "services.rollout", "--coordinator", coord.address, "--device", "cpu",
-                            env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    for proc in (trainer, rollout):
-        cluster.wait_healthy(proc)
+    coord, _, (rollout,) = cluster.deploy(str(d / "state"), rollout_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     model = build_tiny_model(str(d / "model"), toy_vocabulary(), hidden=128, heads=2, kv_heads=1, head_dim=64,
                              intermediate=256, seed=0)   # vLLM loads weights, so the directory has them
     data = make_toy_dataset(str(d / "toy.jsonl"), n=64)

@@ -35,15 +35,17 @@ class VLLMEngine(Engine):
         if device.type == "cuda" and tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"models.policy.tensor_model_parallel_size={tensor_parallel_size} is larger than the "
                              f"{torch.cuda.device_count()} GPUs this rollout service sees")
+        try:
+            config = AutoConfig.from_pretrained(model_path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"models.policy.load={model_path!r}: vLLM could not load it "
+                                 f"({type(exc).__name__}: {exc})") from exc
         if device.type == "cpu":
             if tensor_parallel_size > 1:
                 raise ValueError(f"models.policy.tensor_model_parallel_size={tensor_parallel_size}: a CPU rollout "
                                  f"service runs vLLM on one device; use 1, or GPUs for tensor parallelism")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")   # GiB of KV cache on CPU
-            try:
-                experts = getattr(AutoConfig.from_pretrained(model_path), "num_experts", 0)
-            except (OSError, ValueError):
-                experts = 0   # the load below reports an unreadable model
+            experts = getattr(config, "num_experts", 0)
             if experts:
                 # vllm-cpu 0.32 reloads MoE expert weights in place without re-packing them for its CPU
                 # kernel: generation would go on with stale experts after a weight sync
@@ -59,7 +61,6 @@ class VLLMEngine(Engine):
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
         try:
-            config = AutoConfig.from_pretrained(model_path)
             self.llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; all mean "cannot serve this"
             raise ModelLoadError(f"models.policy.load={model_path!r}: vLLM could not load it "

@@ -134,10 +134,10 @@ class FSDPBackend(TrainerBackend):
         # Packed: position ids restart per sequence; transformers derives a block-diagonal causal
         # mask from them (sdpa/eager) or uses varlen kernels (flash), so attention never crosses.
         pos = position_ids_for(mb.seq_lens).to(self.device)
-        targets = mb.loss_mask.to(self.device).nonzero().squeeze(1)
+        targets = mb.loss_mask.to(self.device).nonzero().squeeze(1) if only_loss else ids[:0]
         # (a zero-loss filler runs the full head: its backward must still reach every parameter, so
         # every rank joins FSDP's gradient reduce-scatters)
-        if only_loss and len(targets):   # loss tokens are response tokens: their predecessor is in the sequence
+        if len(targets):   # loss tokens are response tokens: their predecessor is in the same sequence
             logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
                            logits_to_keep=targets - 1).logits[0]
             lp, ent = selected_logprobs_and_entropy(logits, ids[targets], mb.temperature, with_entropy)
