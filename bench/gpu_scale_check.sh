@@ -5,6 +5,13 @@
 #   bash bench/gpu_scale_check.sh grpo      # GRPO with packing on a 4-rank trainer; Qwen3-8B rows; scaling
 #   bash bench/gpu_scale_check.sh vllm      # after the vLLM pieces (and ray: .vl/r0, .vl/r1) reached /root/vl:
 #                                           # vLLM TP=2 through Ray's executor, NCCL sync into both TP workers
+# and on a 2-GPU machine (nvidia-h100-x2 / nvidia-h200-x2):
+#   bash bench/gpu_scale_check.sh x2-vllm     # after the pieces: vLLM TP=2 through Ray on both GPUs, trainer on
+#                                             # the host (NCCL wants one rank per GPU: the sync group runs gloo)
+#   bash bench/gpu_scale_check.sh x2-trainer  # flex_attention and SP=2+flex vs sdpa, ref offload memory (2 ranks);
+#                                             # GRPO 1.7B with a 2-rank trainer: the multi-rank weight sync
+#   bash bench/gpu_scale_check.sh x2-bench    # bench/trainer on GPU 0: MFU and packed vs padded, sdpa and flex
+#   bash bench/gpu_scale_check.sh x2-8b       # H200s: Qwen3-8B GRPO, 2-rank trainer + one replica on GPU 1
 # Results (JSON) go to $OUT, else bench/results/. Missing pure-Python wheels travel in .whl/.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,7 +31,7 @@ trainer)
   run torchrun --nproc-per-node 1 bench/gpu_trainer.py resume-load --dir /tmp/ck --out "$out/trainer_resume.jsonl"
   ;;
 grpo)
-  run torchrun --nproc-per-node 4 bench/gpu_trainer.py features --only-ref --out "$out/trainer_features.jsonl"
+  run torchrun --nproc-per-node 4 bench/gpu_trainer.py features --checks ref_offload --out "$out/trainer_features.jsonl"
   # FSDP on 4 GPUs, a GRPO run with packing (the 4-rank trainer shares GPU 3 with the replica)
   run python3 bench/gpu_grpo.py --trainer-ranks 4 --rollout-devices cuda:3 --steps 3 --out "$out/gpu_grpo_trainer4.json"
   # scale rows: Qwen3-8B shape, 2-GPU trainer + two 1-GPU replicas; Qwen3-1.7B on 2 and 4 GPUs
@@ -37,16 +44,39 @@ grpo)
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
     --out "$out/scale_qwen3-1.7b_4gpu.json"
   ;;
-vllm)
-  for w in vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl:vllm.part ray-2.52.0-cp312-cp312-manylinux2014_x86_64.whl:raypart; do
-    if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
-  done
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
+vllm|x2-vllm)
+  if [ ! -d /tmp/vsite/vllm ]; then   # installed once per machine
+    for w in vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl:vllm.part ray-2.52.0-cp312-cp312-manylinux2014_x86_64.whl:raypart; do
+      if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
+  fi
   export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD:$PWD/protos VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0
   export PATH=/tmp/vsite/bin:$PATH
   python3 -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
-  run python3 bench/gpu_grpo.py --engine vllm --trainer-device cuda:0 --rollout-devices cuda:1,2 --steps 3 \
-    --set models.policy.tensor_model_parallel_size=2 --out "$out/gpu_grpo_vllm_tp2_ray.json"
+  if [ "$1" = vllm ]; then
+    run python3 bench/gpu_grpo.py --engine vllm --trainer-device cuda:0 --rollout-devices cuda:1,2 --steps 3 \
+      --set models.policy.tensor_model_parallel_size=2 --out "$out/gpu_grpo_vllm_tp2_ray.json"
+  else
+    run python3 bench/gpu_grpo.py --engine vllm --trainer-device cpu --rollout-devices cuda:0,1 --steps 3 \
+      --set models.policy.tensor_model_parallel_size=2 --out "$out/gpu_grpo_vllm_tp2_ray.json" ||
+      { grep -v "metrics exporter" /tmp/rlgrid-gpu-*/logs/rollout0.log | tail -300 > "$out/rollout0_tail.log"; exit 1; }
+  fi
   ;;
-*) echo "usage: $0 trainer|grpo|vllm" >&2; exit 2 ;;
+x2-trainer)
+  run torchrun --nproc-per-node 2 bench/gpu_trainer.py features --checks flex sp_flex ref_offload \
+    --out "$out/trainer_features.jsonl"
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:1 --samples 64 \
+    --max-response 512 --steps 3 --raw-iters 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
+    runtime_args.num_inference_per_prompt=8 --out "$out/scale_qwen3-1.7b_2gpu_trainer2.json"
+  ;;
+x2-bench)
+  run python3 -m bench.trainer --parts mfu packing --out "$out/trainer.json"
+  ;;
+x2-8b)
+  run python3 bench/gpu_grpo.py --shape qwen3-8b --trainer-ranks 2 --rollout-devices cuda:1 --samples 64 \
+    --max-response 512 --steps 3 --raw-iters 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
+    runtime_args.num_inference_per_prompt=8 models.policy_trainer.meta_init=True --out "$out/scale_qwen3-8b_2gpu.json"
+  ;;
+*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|x2-bench|x2-8b" >&2; exit 2 ;;
 esac

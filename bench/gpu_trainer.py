@@ -132,8 +132,7 @@ def timed_step(b: FSDPBackend, mbs: list) -> dict:
             "wall_seconds": seconds}
 
 
-def free(*objs) -> None:
-    del objs
+def free() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -142,7 +141,8 @@ def free(*objs) -> None:
 def memory() -> dict:
     if not CUDA:
         return {}
-    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": torch.cuda.memory_allocated() / 2**30}
+    return {"peak_gib": torch.cuda.max_memory_allocated(DEVICE) / 2**30,
+            "resident_gib": torch.cuda.memory_allocated(DEVICE) / 2**30}
 
 
 def features(args) -> None:
@@ -156,13 +156,14 @@ def features(args) -> None:
 
     def run(path: str, *extra: str) -> tuple[torch.Tensor, dict, dict]:
         if CUDA:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(DEVICE)
         b = backend(path, *extra)
         lp = b.compute_logprobs(probe)
         timed_step(b, mbs)                     # warm-up step (also moves the weights)
         m = timed_step(b, mbs)
         mem = memory()
-        free(b)
+        del b   # the last reference: FSDP modules hold cycles, so free() collects them before the next run
+        free()
         return lp, m, mem
 
     def compare(name: str, a, b, label_a: str, label_b: str) -> None:
@@ -172,16 +173,22 @@ def features(args) -> None:
                        for k in ("loss", "kl", "grad_norm", "wall_seconds", "tokens")},
                     **{f"{label}_{k}": v for label, mem in ((label_a, mema), (label_b, memb)) for k, v in mem.items()}})
 
-    if world >= 2 and not args.only_ref:
-        sp = ("models.policy_trainer.ulysses_sequence_parallel_size=2",)
+    checks, sp, flex = set(args.checks), ("models.policy_trainer.ulysses_sequence_parallel_size=2",), \
+        ("models.policy_trainer.attn_implementation=flex_attention",)
+    if world >= 2 and "sp" in checks:
         compare("ulysses_sp2_dense", run(dense), run(dense, *sp), "sp1", "sp2")
         compare("ulysses_sp2_moe", run(moe, "models.policy_trainer.groupgemm=True"),
                 run(moe, "models.policy_trainer.groupgemm=True", *sp), "sp1", "sp2")
-    if not args.only_ref:
+    if "groupgemm" in checks:
         compare("groupgemm_moe", run(moe), run(moe, "models.policy_trainer.groupgemm=True"), "loop", "grouped")
-    kl = ("models.policy_trainer.kl_coef=0.05",)
-    compare("ref_offload_dense", run(dense, *kl), run(dense, *kl, "models.policy_trainer.ref_offload=True"),
-            "resident", "offload")
+    if "flex" in checks:   # flex_attention vs sdpa: the same packed rows, dealt over the ranks
+        compare("flex_dense", run(dense), run(dense, *flex), "sdpa", "flex")
+    if world >= 2 and "sp_flex" in checks:
+        compare("ulysses_sp2_flex_dense", run(dense), run(dense, *sp, *flex), "sp1", "sp2flex")
+    if "ref_offload" in checks:
+        kl = ("models.policy_trainer.kl_coef=0.05",)
+        compare("ref_offload_dense", run(dense, *kl), run(dense, *kl, "models.policy_trainer.ref_offload=True"),
+                "resident", "offload")
 
 
 def write_weights(args) -> None:
@@ -242,7 +249,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/rlgrid-gpu-trainer")
     parser.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     parser.add_argument("--meta-init", action="store_true")
-    parser.add_argument("--only-ref", action="store_true", help="features: only the reference-offload comparison")
+    parser.add_argument("--checks", nargs="+", default=["sp", "groupgemm", "ref_offload"],
+                        choices=["sp", "groupgemm", "flex", "sp_flex", "ref_offload"], help="features: which to compare")
     parser.add_argument("--out")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)

@@ -2,8 +2,8 @@
 chunked fp32 logprobs + entropy, GRPO loss, backward, grad clip, AdamW), random init from a config-only dir:
 
   mfu      tokens/s and MFU of a Qwen3-shaped model on packed micro-batches of exactly --pack tokens,
-           gradient checkpointing off and on, per attention kernel (--attn; the trainer loads sdpa, others
-           are set with model.set_attn_implementation); each kernel's packed logprobs vs each sequence alone;
+           gradient checkpointing off and on, per models.policy_trainer.attn_implementation (--attn, a fresh
+           trainer each, the same seeded weights); each kernel's packed logprobs vs each sequence alone (sdpa);
   packing  packed (best-fit-decreasing bins of --pack tokens) vs padded (runtime_args.train_micro_batch_size
            = --padded-mbs) on the SAME GSM8K-like samples, fresh identical weights per mode: useful tokens/s,
            ratio, step-1 loss of both;
@@ -136,19 +136,12 @@ def model_flops(shape: dict, n_params: int, seq_lens: list[int]) -> float:
     return 6.0 * n_params * sum(seq_lens) + attn * sum(L * (L + 1) / 2 for L in seq_lens)
 
 
-def build(args, model_dir: str, *extra: str) -> FSDPBackend:
-    overrides = [f"models.policy.load={model_dir}", f"models.policy_trainer.dtype={args.dtype}",
+def build(args, model_dir: str, *extra: str, attn: str = "sdpa") -> FSDPBackend:
+    overrides = [f"models.policy_trainer.attn_implementation={attn}",f"models.policy.load={model_dir}", f"models.policy_trainer.dtype={args.dtype}",
                  f"models.policy_trainer.max_token_in_packing={args.pack}",
                  f"models.policy.max_prompt_tokens_length={args.lengths['prompt'][1]}",
                  f"models.policy.max_response_tokens_length={args.lengths['response'][1]}", *extra]
     return FSDPBackend(load_config(overrides=overrides), args.device)
-
-
-def set_attn(backend: FSDPBackend, attn: str) -> None:
-    if backend.model.config._attn_implementation != attn:
-        backend.model.set_attn_implementation(attn)
-        if backend.model.config._attn_implementation != attn:
-            raise RuntimeError(f"set_attn_implementation({attn!r}) left {backend.model.config._attn_implementation}")
 
 
 def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, peak: float | None) -> dict:
@@ -175,39 +168,35 @@ def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, 
 
 
 # ---- parts ------------------------------------------------------------------------------------
-def attn_agreement(backend: FSDPBackend, seqs: list[TrainSequence], attns: list[str]) -> dict:
-    """Logprobs of one packed micro-batch under each kernel vs each sequence run alone (sdpa, no mask: the
-    reference needs no packing mask). Grad on, as in a train step, so no kernel compiles twice."""
+def packed_logprobs(backend: FSDPBackend, groups: list[list[TrainSequence]]) -> torch.Tensor:
+    """Logprobs of each group run as one packed micro-batch, grad on as in a train step (no kernel
+    compiles twice)."""
     backend.model.train()
-    lp = lambda group: backend._logprobs(backend.model, make_micro_batch(   # noqa: E731
-        group, num_global_tokens=1, temperature=1.0), with_entropy=False)[0].detach().float()
-    set_attn(backend, "sdpa")
-    ref = torch.cat([lp([s]) for s in seqs])
-    out = {"reference": "each sequence alone, sdpa"}
-    for attn in attns:
-        def one(attn=attn):
-            set_attn(backend, attn)
-            diff = (lp(seqs) - ref).abs()
-            return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
-        out[attn] = attempt(f"logprobs {attn}", one)
-    return out
+    return torch.cat([backend._logprobs(backend.model, make_micro_batch(g, num_global_tokens=1, temperature=1.0),
+                                        with_entropy=False)[0].detach().float() for g in groups])
 
 
 def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float | None, check: dict) -> list[dict]:
-    backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}")
     n_global = sum(len(s.response_ids) for b in bins for s in b)
     mbs = [make_micro_batch(b, num_global_tokens=n_global, temperature=1.0) for b in bins]
-    n_params = matmul_params(backend.model)
-    flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
-    if not check:   # on the first backend only, before any update
-        check.update(attn_agreement(backend, bins[0], args.attn))
     rows = []
-    for attn in args.attn:   # the same backend: the kernel changes no weights
+    for attn in args.attn:   # a fresh trainer per kernel, the same seeded weights
         def one(attn=attn):
-            set_attn(backend, attn)
-            return run_steps(backend, mbs, args.warmup, args.steps, flops, peak)
-        rows.append({"gradient_checkpointing": gc_on, "attn": attn, "matmul_params": n_params,
-                     "model_flops_per_step": flops, **attempt(f"mfu gc={gc_on} {attn}", one)})
+            free(args.device)
+            backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}", attn=attn)
+            n_params = matmul_params(backend.model)
+            if not gc_on:   # before any update: packed vs each sequence alone under sdpa
+                if "reference" not in check:
+                    check["reference"] = {"what": "each sequence alone, sdpa", "logprobs": packed_logprobs(
+                        build(args, model_dir), [[s] for s in bins[0]])}
+                diff = (packed_logprobs(backend, [bins[0]]) - check["reference"]["logprobs"]).abs()
+                check[attn] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+            flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
+            res = {"matmul_params": n_params, "model_flops_per_step": flops,
+                   **run_steps(backend, mbs, args.warmup, args.steps, flops, peak)}
+            del backend
+            return res
+        rows.append({"gradient_checkpointing": gc_on, "attn": attn, **attempt(f"mfu gc={gc_on} {attn}", one)})
     return rows
 
 
@@ -217,11 +206,9 @@ def part_mfu(args, model_dir: str, shape: dict, peak: float | None) -> dict:
     out = {"micro_batches_per_step": len(bins), "tokens_per_micro_batch": args.pack, "sequences_per_step": len(lens),
            "mean_sequence_tokens": statistics.mean(lens), "lengths": args.lengths, "attn_logprobs": {}, "rows": []}
     for gc_on in (False, True):
-        free(args.device)
-        built = attempt(f"mfu gc={gc_on}", lambda g=gc_on: {
-            "rows": mfu_rows(args, model_dir, g, shape, bins, peak, out["attn_logprobs"])})
-        out["rows"] += built.get("rows") or [{"gradient_checkpointing": gc_on, "attn": a, "error": built["error"]}
-                                             for a in args.attn]
+        out["rows"] += mfu_rows(args, model_dir, gc_on, shape, bins, peak, out["attn_logprobs"])
+    out["attn_logprobs"].pop("reference", None)
+    out["attn_logprobs"]["reference"] = "each sequence alone, sdpa"
     return out
 
 
@@ -239,23 +226,25 @@ def part_packing(args, model_dir: str, shape: dict, peak: float | None) -> dict:
         if not packing:   # padded to each micro-batch's longest sequence, as FSDPBackend does
             out["padded_tokens_per_step"] = sum(len(mb.seq_lens) * max(mb.seq_lens) for mb in mbs)
 
-        def one(packing=packing, mbs=mbs):   # a fresh backend: the same seeded initial weights
-            backend = build(args, model_dir, f"models.policy_trainer.packing={packing}",
-                            f"runtime_args.train_micro_batch_size={args.padded_mbs}",
-                            f"models.policy_trainer.gradient_checkpointing={bool(args.packing_gc)}")
-            flops = model_flops(shape, matmul_params(backend.model), lens)
-            res = {"sdpa": run_steps(backend, mbs, args.packing_warmup, args.packing_steps, flops, peak)}
-            for attn in [a for a in args.attn if a != "sdpa"] if packing else []:   # other kernels: packed only
-                res[attn] = attempt(f"packed {attn}", lambda a=attn: (set_attn(backend, a), {
-                    "note": "runs after the sdpa steps on this backend: other weights, step-1 loss not comparable",
-                    **run_steps(backend, mbs, args.packing_warmup, args.packing_steps, flops, peak)})[1])
+        def one(packing=packing, mbs=mbs):   # a fresh trainer per kernel: the same seeded initial weights
+            res = {}
+            for attn in args.attn if packing else ["sdpa"]:   # padded: sdpa over each padded micro-batch
+                free(args.device)
+                backend = build(args, model_dir, f"models.policy_trainer.packing={packing}",
+                                f"runtime_args.train_micro_batch_size={args.padded_mbs}",
+                                f"models.policy_trainer.gradient_checkpointing={bool(args.packing_gc)}", attn=attn)
+                flops = model_flops(shape, matmul_params(backend.model), lens)
+                res[attn] = attempt(f"{mode} {attn}", lambda b=backend, f=flops: run_steps(
+                    b, mbs, args.packing_warmup, args.packing_steps, f, peak))
+                del backend
             return res
         out[mode] = attempt(mode, one)
-    p, q = out["packed"].get("sdpa", {}), out["padded"].get("sdpa", {})
-    if "useful_tokens_per_s" in p and "useful_tokens_per_s" in q:
-        out["speedup_packed_over_padded"] = p["useful_tokens_per_s"] / q["useful_tokens_per_s"]
-        out["step1_loss_abs_diff"] = abs(p["step1_loss"] - q["step1_loss"])
-        out["step1_grad_norm_rel_diff"] = abs(p["step1_grad_norm"] / q["step1_grad_norm"] - 1)
+    q = out["padded"].get("sdpa", {})
+    for attn, p in out["packed"].items() if "error" not in out["packed"] else []:
+        if "useful_tokens_per_s" in p and "useful_tokens_per_s" in q:   # packed (this kernel) vs padded sdpa
+            out.setdefault("speedup_packed_over_padded", {})[attn] = p["useful_tokens_per_s"] / q["useful_tokens_per_s"]
+            out.setdefault("step1_loss_abs_diff", {})[attn] = abs(p["step1_loss"] - q["step1_loss"])
+            out.setdefault("step1_grad_norm_rel_diff", {})[attn] = abs(p["step1_grad_norm"] / q["step1_grad_norm"] - 1)
     return out
 
 
@@ -310,8 +299,8 @@ def main() -> None:
     add("--tiny", action="store_true", help="tiny shapes, float32, 1+1 steps: a CPU smoke test")
     add("--model", choices=sorted(SHAPES), default="qwen3-1.7b")
     add("--parts", nargs="+", choices=["mfu", "packing", "moe"], default=["mfu", "packing", "moe"])
-    add("--attn", nargs="+", default=["sdpa", "flex_attention"], help="attention kernels of the mfu rows "
-        "(and extra packed rows); the trainer loads sdpa")
+    add("--attn", nargs="+", default=["sdpa", "flex_attention"], help="models.policy_trainer.attn_implementation "
+        "values of the mfu rows and the packed rows (padded runs sdpa)")
     add("--pack", type=int, default=8192, help="models.policy_trainer.max_token_in_packing")
     add("--mfu-micro-batches", type=int, default=4, help="packed micro-batches per MFU step")
     add("--warmup", type=int, default=2)
@@ -378,9 +367,10 @@ def summary(r: dict) -> None:
                 print(f"pack {mode:<6} {attn:<15}", err(row) if "error" in row else
                       f"{row['useful_tokens_per_s']:>9.0f} useful tok/s  {row['micro_batches']} micro-batches  "
                       f"step-1 loss {row['step1_loss']:.6f}  MFU {f(row['mfu'], '.1%')}")
-        print(f"pack packed/padded (sdpa) speedup {f(p.get('speedup_packed_over_padded'), '.2f')}x  |step-1 loss "
-              f"diff| {f(p.get('step1_loss_abs_diff'), '.2e')}  padded/useful tokens "
-              f"{f(p.get('padded_tokens_per_step', 0) / p['useful_tokens_per_step'], '.2f')}")
+        for attn, x in p.get("speedup_packed_over_padded", {}).items():
+            print(f"pack packed ({attn}) / padded (sdpa) speedup {x:.2f}x  |step-1 loss diff| "
+                  f"{p['step1_loss_abs_diff'][attn]:.2e}")
+        print(f"pack padded/useful tokens {f(p.get('padded_tokens_per_step', 0) / p['useful_tokens_per_step'], '.2f')}")
     if "moe" in r:
         m = r["moe"]
         for impl in ("eager", "grouped_mm"):

@@ -26,6 +26,7 @@ BACKENDS = ("fsdp", "megatron")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_DTYPES = ("auto", "float32", "bfloat16")
+TRAINER_ATTENTION = ("sdpa", "flex_attention")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,7 @@ class PolicyTrainerConfig:
     neg_clip_ratio: float = 0.2  # lower clip: ratio >= 1 - neg_clip_ratio
     ulysses_sequence_parallel_size: int = 1  # devices one sequence is split over (Ulysses)
     groupgemm: bool = False  # grouped GEMM for MoE experts
+    attn_implementation: str = "sdpa"  # trainer attention over packed rows: sdpa or flex_attention (block-sparse)
     ref_offload: bool = False  # keep the reference model's shards in host memory between uses (GPU)
     save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
 
@@ -208,6 +210,7 @@ _RANGES: list[_Check] = [
     ("models.policy.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
     _one_of("models.policy_trainer.backend", BACKENDS),
     _one_of("models.policy_trainer.dtype", TRAINER_DTYPES),
+    _one_of("models.policy_trainer.attn_implementation", TRAINER_ATTENTION),
     ("models.policy_trainer.optimizer.lr", lambda v: v > 0, "> 0"),
     _one_of("models.policy_trainer.optimizer.lr_decay_style", LR_DECAY_STYLES),
     *[(f"models.policy_trainer.optimizer.{k}", lambda v: v >= 0, ">= 0") for k in (

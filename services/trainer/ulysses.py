@@ -9,17 +9,20 @@ gradients FSDP sums over all ranks are exactly the unsplit ones.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as fc  # collectives with autograd; async, waited on use
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface, AutoConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from services.common.models import ModelLoadError
 from services.common.packing import position_ids_for
+from services.trainer import attention
 from services.trainer.loss import token_logprobs_and_entropy
 
 # torch 2.13 renamed all_gather_tensor_autograd (2.11, the GPU image's torch) and deprecated the old name
@@ -54,13 +57,17 @@ def _group(size: int) -> dist.ProcessGroup:
 class SequenceParallel:
     """This rank's SP group; `create` returns None at size 1 (the unsplit code path)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, flex: bool = False, device: torch.device = torch.device("cpu")):
         self.size = size
         self.group = _group(size)
         self.rank = dist.get_rank(self.group)
+        self.flex = flex   # attention by flex_attention with a BlockMask (attention.py), else sdpa
+        # every row (and every per-token tensor sharded with it) is padded to a multiple of this
+        self.multiple = math.lcm(size, attention.pad_multiple(device) if flex else 1)
 
     @classmethod
-    def create(cls, size: int, world_size: int, load: str) -> SequenceParallel | None:
+    def create(cls, size: int, world_size: int, load: str, flex: bool = False,
+               device: torch.device = torch.device("cpu")) -> SequenceParallel | None:
         if size == 1:
             return None
         try:
@@ -68,7 +75,7 @@ class SequenceParallel:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"models.policy_trainer.load={load!r} has no readable config.json: {exc}") from exc
         check_sp(size, world_size, config.num_attention_heads, config.num_key_value_heads)
-        return cls(size)
+        return cls(size, flex, device)
 
     @staticmethod
     def use_in(*models: torch.nn.Module | None) -> None:
@@ -78,8 +85,8 @@ class SequenceParallel:
                 model.set_attn_implementation(ATTENTION)
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a per-token [T] tensor, zero-padded to a multiple of the SP size."""
-        x = F.pad(x, (0, -len(x) % self.size))
+        """This rank's slice of a per-token [T] tensor, zero-padded as the rows are (`multiple`)."""
+        x = F.pad(x, (0, -len(x) % self.multiple))
         n = len(x) // self.size
         return x[self.rank * n: (self.rank + 1) * n]
 
@@ -93,13 +100,16 @@ class SequenceParallel:
                  with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's slice of the packed row's token logprobs (and entropies): the same numbers the
         unsplit forward gives, 0 at sequence starts. The padding is a sequence of its own."""
-        pad = -len(ids) % self.size
-        lens = list(seq_lens) + [pad] * (pad > 0)
-        seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), torch.tensor(lens, device=ids.device))
-        causal = torch.ones(len(seq), len(seq), dtype=torch.bool, device=ids.device).tril()
-        # block-diagonal causal over the whole row for sdpa: S*S bytes (a 32k-token row: 1 GiB); longer
-        # rows want a varlen kernel (flash cu_seqlens, flex BlockMask) in _attention instead
-        mask = (causal & (seq[:, None] == seq[None, :]))[None, None]
+        lens = attention.padded_lens(seq_lens, self.multiple)
+        pad = sum(lens) - len(ids)
+        if self.flex:
+            mask = attention.block_mask(lens, ids.device)
+        else:
+            seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device),
+                                          torch.tensor(lens, device=ids.device))
+            causal = torch.ones(len(seq), len(seq), dtype=torch.bool, device=ids.device).tril()
+            # block-diagonal causal over the whole row for sdpa: S*S bytes (a 32k-token row: 1 GiB)
+            mask = (causal & (seq[:, None] == seq[None, :]))[None, None]
         pos = self.shard(position_ids_for(lens).to(ids.device))
         local = self.shard(ids)
         # the mask travels as a forward kwarg: transformers hands those to the attention function, also
@@ -108,7 +118,7 @@ class SequenceParallel:
         lp, ent = token_logprobs_and_entropy(logits, local, temperature, with_entropy)
         # the slice's first token is predicted by the previous rank's last logits row: each rank scores
         # the next slice's first token and passes it on (rank 0's wraps around, a sequence start: zeroed)
-        nxt = F.pad(ids, (0, pad))[(self.rank + 1) * len(local) % len(seq)].expand(2)
+        nxt = F.pad(ids, (0, pad))[(self.rank + 1) * len(local) % (len(ids) + pad)].expand(2)
         edge_lp, edge_ent = token_logprobs_and_entropy(logits[-1:].expand(2, -1), nxt, temperature, with_entropy)
         edge = torch.stack([edge_lp[1], edge_ent[1] if with_entropy else edge_lp[1]])
         prev = _all_gather_autograd(edge, 0, self.group).view(self.size, 2)[self.rank - 1]
@@ -136,7 +146,10 @@ def _attention(module, query, key, value, attention_mask, *, ulysses=None, **kwa
         raise RuntimeError(f"attention {ATTENTION!r} runs only inside SequenceParallel.logprobs")
     sp, mask = ulysses
     q, k, v = (sp._to_heads(x) for x in (query, key, value))
-    out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)   # repeats kv heads for GQA
+    if isinstance(mask, BlockMask):
+        out = attention.flex(q, k, v, mask, kwargs.get("scaling"))
+    else:
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)   # repeats kv heads for GQA
     return sp._to_slice(out.transpose(1, 2)).transpose(1, 2), None
 
 

@@ -1,9 +1,10 @@
 """Ulysses sequence parallelism on two ranks (torchrun, gloo): SP=2 computes what SP=1 computes.
 
-One torchrun launch runs this module on two ranks; each rank sets up an SP=1 and an SP=2 trainer
-(TrainerRanks, so the deal and the metric merge are the service's own) on a tiny Qwen3 and a tiny
-Qwen3-MoE (with gradient checkpointing); rank 0 saves both trainers' logprobs, step metrics and
-updated weights for the tests.
+One torchrun launch runs this module on two ranks; each rank sets up an SP=1, an SP=2 and an SP=2
+flex_attention trainer (TrainerRanks, so the deal and the metric merge are the service's own) on a
+tiny Qwen3 and a tiny Qwen3-MoE (with gradient checkpointing); rank 0 saves the trainers' logprobs,
+step metrics and updated weights for the tests. The flex rows are padded to multiples of 8 here (of
+1024 on GPUs), so the filler sequence and its slices are exercised too.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests.conftest import TINY_VOCAB_SIZE, TINY_WORDS
 
 pytestmark = pytest.mark.slow
 ARCHS = ("qwen3", "qwen3_moe")
+# name -> (SP size, models.policy_trainer.attn_implementation)
+VARIANTS = {"sp1": (1, "sdpa"), "sp2": (2, "sdpa"), "sp2_flex": (2, "flex_attention")}
 # (prompt, response) lengths: rows of 25 and 17 tokens, both odd; the 25-token row's SP slices meet
 # inside a sequence, the 17-token row's at a sequence start
 ROWS = ([(2, 3), (4, 5), (1, 3), (3, 4)], [(2, 4), (1, 2), (3, 5)])
@@ -41,7 +44,10 @@ def _micro_batches(padded: bool = False) -> list:
 def _worker(root: str, out: str) -> None:
     from services.common.models import resolve_device
     from services.common.tiny_model import build_tiny_model
+    from services.trainer import attention
     from services.trainer.ranks import TrainerRanks
+
+    attention.pad_multiple = lambda device: 8   # flex rows end in a filler sequence, as on GPUs
 
     device = resolve_device()   # this rank's GPU (NCCL) where there are GPUs, else the CPU (gloo)
     rank = int(os.environ["RANK"])
@@ -49,7 +55,7 @@ def _worker(root: str, out: str) -> None:
     for arch in ARCHS:
         model_dir = build_tiny_model(os.path.join(root, f"{arch}-rank{rank}"), TINY_WORDS, arch=arch, seed=1)
         trainers = {}
-        for sp in (1, 2):
+        for name, (sp, attn) in VARIANTS.items():
             cfg = load_config(overrides=[
                 f"models.policy.load={model_dir}", "models.policy_trainer.dtype=float32",
                 "models.policy_trainer.optimizer.lr=1e-3", "models.policy_trainer.optimizer.weight_decay=0.0",
@@ -58,18 +64,19 @@ def _worker(root: str, out: str) -> None:
                 "models.policy_trainer.max_token_in_packing=64",
                 # the MoE model recomputes its layers in backward: the all-to-alls run again there
                 f"models.policy_trainer.gradient_checkpointing={arch == 'qwen3_moe'}",
-                f"models.policy_trainer.ulysses_sequence_parallel_size={sp}"])
-            trainers[sp] = TrainerRanks(device)   # init_distributed: torchrun's world of two
-            trainers[sp]._setup(config_to_yaml(cfg))
+                f"models.policy_trainer.ulysses_sequence_parallel_size={sp}",
+                f"models.policy_trainer.attn_implementation={attn}"])
+            trainers[name] = TrainerRanks(device)   # init_distributed: torchrun's world of two
+            trainers[name]._setup(config_to_yaml(cfg))
         res = {}
-        for sp, t in trainers.items():
+        for name, t in trainers.items():
             packed, padded = _micro_batches(), _micro_batches(padded=True)
-            res[sp] = {"logprobs": [t._logprobs(mb) for mb in packed],
+            res[name] = {"logprobs": [t._logprobs(mb) for mb in packed],
                        "padded": [t._logprobs(mb) for mb in padded],
                        # SP=1 deals one row to each rank; SP=2 gives both rows to its one group
                        "metrics": t._train(packed if rank == 0 else None),
                        "params": {n: p.cpu().clone() for n, p in t.backend.full_params()}}
-            res[sp]["after"] = [t._logprobs(mb) for mb in packed]
+            res[name]["after"] = [t._logprobs(mb) for mb in packed]
         results[arch] = res
     if rank == 0:
         torch.save(results, out)
@@ -88,9 +95,10 @@ def results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.parametrize("variant", ["sp2", "sp2_flex"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sp2_logprobs_match_sp1(results, arch):
-    one, two = results[arch][1], results[arch][2]
+def test_sp2_logprobs_match_sp1(results, arch, variant):
+    one, two = results[arch]["sp1"], results[arch][variant]
     for key in ("logprobs", "padded", "after"):
         for a, b, mb in zip(one[key], two[key], _micro_batches()):
             assert a.shape == b.shape == (mb.num_tokens,)
@@ -100,15 +108,16 @@ def test_sp2_logprobs_match_sp1(results, arch):
     assert (two["after"][0] - two["logprobs"][0]).abs().max() > 1e-3, "the step moved the weights"
 
 
+@pytest.mark.parametrize("variant", ["sp2", "sp2_flex"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sp2_train_step_matches_sp1(results, arch):
-    one, two = results[arch][1]["metrics"], results[arch][2]["metrics"]
+def test_sp2_train_step_matches_sp1(results, arch, variant):
+    one, two = results[arch]["sp1"]["metrics"], results[arch][variant]["metrics"]
     for key in ("loss", "pg_loss", "entropy", "kl", "clip_frac", "grad_norm"):
         assert abs(one[key] - two[key]) < 1e-5 * max(1.0, abs(one[key])), (key, one[key], two[key])
     # counted once per SP group, not once per rank
     assert two["tokens"] == one["tokens"] == sum(p + r for row in ROWS for p, r in row)
     assert two["micro_batches"] == one["micro_batches"] == len(ROWS)
-    p1, p2 = results[arch][1]["params"], results[arch][2]["params"]
+    p1, p2 = results[arch]["sp1"]["params"], results[arch][variant]["params"]
     assert p1.keys() == p2.keys()
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], atol=1e-5, rtol=0, msg=name)

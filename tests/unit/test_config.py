@@ -151,6 +151,8 @@ def test_micro_batch_divisibility_ignored_when_packing() -> None:
         ("models.policy.engine=sglang", ["models.policy.engine", "builtin, vllm"]),
         ("models.policy_trainer.dtype=float16",
          ["models.policy_trainer.dtype", "auto, float32, bfloat16"]),
+        ("models.policy_trainer.attn_implementation=flash_attention_2",
+         ["models.policy_trainer.attn_implementation", "sdpa, flex_attention"]),
     ],
 )
 def test_range_errors_name_key_and_range(override: str, expected: list[str]) -> None:

@@ -60,6 +60,11 @@ class VLLMEngine(Engine):
                       worker_extension_cls=WORKER_EXTENSION)
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
+            # TP all-reduces go through NCCL. vLLM's own custom all-reduce and FlashInfer's fused
+            # all-reduce + RMSNorm (an MNNVL workspace, JIT-built kernels) hung and then failed in
+            # cublasCreate on H100s with NVLink multicast off (bench/results, 2026-11-26)
+            kwargs["disable_custom_all_reduce"] = True
+            kwargs["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; all mean "cannot serve this"

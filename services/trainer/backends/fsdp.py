@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,6 +30,7 @@ from services.common.config import RLConfig
 from services.common.models import resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
+from services.trainer import attention
 from services.trainer.backend import TrainerBackend
 from services.trainer.build import build_sharded
 from services.trainer.loss import (
@@ -91,7 +93,8 @@ class FSDPBackend(TrainerBackend):
         init_distributed(device)
         self.compute_dtype = resolve_dtype(t.dtype, device)
         self.world_size = dist.get_world_size()
-        self.sp = SequenceParallel.create(t.ulysses_sequence_parallel_size, self.world_size, t.load)
+        self.flex = t.attn_implementation == "flex_attention"
+        self.sp = SequenceParallel.create(t.ulysses_sequence_parallel_size, self.world_size, t.load, self.flex, device)
         mesh = init_device_mesh(device.type, (self.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
               if self.compute_dtype != torch.float32 else MixedPrecisionPolicy())
@@ -111,6 +114,10 @@ class FSDPBackend(TrainerBackend):
         self._names = [n for n, _ in self.model.named_parameters()]
         if self.sp:
             self.sp.use_in(self.model, self.ref)
+        elif self.flex:
+            for model in (self.model, self.ref):
+                if model is not None:
+                    model.set_attn_implementation(attention.FLEX)
 
     # ---- forward ------------------------------------------------------------------------------
     def _logprobs(self, model: torch.nn.Module, mb: MicroBatch, with_entropy: bool, only_loss: bool = False):
@@ -120,7 +127,7 @@ class FSDPBackend(TrainerBackend):
         ids = mb.input_ids.to(self.device)
         if self.sp:   # a padded micro-batch runs packed too: the same logprobs, no padding to send around
             return self.sp.logprobs(model, ids, mb.seq_lens, mb.temperature, with_entropy)
-        if mb.padded:
+        if mb.padded and not self.flex:
             rows = torch.split(ids, mb.seq_lens)
             width = max(mb.seq_lens)
             x = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
@@ -131,22 +138,28 @@ class FSDPBackend(TrainerBackend):
             lp, ent = token_logprobs_and_entropy(logits, x, mb.temperature, with_entropy)
             keep = attn.bool()
             return lp[keep], (ent[keep] if ent is not None else None)
-        # Packed: position ids restart per sequence; transformers derives a block-diagonal causal
-        # mask from them (sdpa/eager) or uses varlen kernels (flash), so attention never crosses.
-        pos = position_ids_for(mb.seq_lens).to(self.device)
+        # Packed (with flex_attention, a padded micro-batch too): position ids restart per sequence;
+        # sdpa gets a block-diagonal causal mask derived from them, flex a BlockMask of the lengths,
+        # so attention never crosses sequences. flex rows end in a filler sequence (compiled lengths).
+        n, lens, extra = len(ids), mb.seq_lens, {}
+        if self.flex:
+            lens = attention.padded_lens(mb.seq_lens, attention.pad_multiple(self.device))
+            ids = F.pad(ids, (0, sum(lens) - n))
+            extra["packed"] = attention.block_mask(lens, self.device)
+        pos = position_ids_for(lens).to(self.device)
         targets = mb.loss_mask.to(self.device).nonzero().squeeze(1) if only_loss else ids[:0]
         # (a zero-loss filler runs the full head: its backward must still reach every parameter, so
         # every rank joins FSDP's gradient reduce-scatters)
         if len(targets):   # loss tokens are response tokens: their predecessor is in the same sequence
             logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                           logits_to_keep=targets - 1).logits[0]
+                           logits_to_keep=targets - 1, **extra).logits[0]
             lp, ent = selected_logprobs_and_entropy(logits, ids[targets], mb.temperature, with_entropy)
-            full = lambda x: ids.new_zeros(ids.shape, dtype=x.dtype).scatter(0, targets, x)  # noqa: E731
+            full = lambda x: ids.new_zeros(n, dtype=x.dtype).scatter(0, targets, x)  # noqa: E731
             return full(lp), (full(ent) if ent is not None else None)
-        logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
+        logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False, **extra).logits[0]
         lp, ent = token_logprobs_and_entropy(logits, ids, mb.temperature, with_entropy)
         not_start = (pos != 0).to(lp.dtype)   # the first token of a sequence has no prediction
-        return lp * not_start, (ent * not_start if ent is not None else None)
+        return (lp * not_start)[:n], ((ent * not_start)[:n] if ent is not None else None)
 
     # ---- TrainerBackend -----------------------------------------------------------------------
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
