@@ -2,8 +2,9 @@
 chunked fp32 logprobs + entropy, GRPO loss, backward, grad clip, AdamW), random init from a config-only dir:
 
   mfu      tokens/s and MFU of a Qwen3-shaped model on packed micro-batches of exactly --pack tokens,
-           gradient checkpointing off and on, per models.policy_trainer.attn_implementation (--attn, a fresh
-           trainer each, the same seeded weights); each kernel's packed logprobs vs each sequence alone (sdpa);
+           gradient checkpointing off and on, per models.policy_trainer.attn_implementation (--attn) and
+           torch_compile (--compile), a fresh trainer each with the same seeded weights; each variant's packed
+           logprobs vs each sequence alone (sdpa);
   packing  packed (best-fit-decreasing bins of --pack tokens) vs padded (runtime_args.train_micro_batch_size
            = --padded-mbs) on the SAME GSM8K-like samples, fresh identical weights per mode: useful tokens/s,
            ratio, step-1 loss of both;
@@ -168,6 +169,10 @@ def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, 
 
 
 # ---- parts ------------------------------------------------------------------------------------
+def variant(attn: str, compiled: int) -> str:
+    return attn + ("+compile" if compiled else "")
+
+
 def packed_logprobs(backend: FSDPBackend, groups: list[list[TrainSequence]]) -> torch.Tensor:
     """Logprobs of each group run as one packed micro-batch, grad on as in a train step (no kernel
     compiles twice)."""
@@ -180,23 +185,25 @@ def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float |
     n_global = sum(len(s.response_ids) for b in bins for s in b)
     mbs = [make_micro_batch(b, num_global_tokens=n_global, temperature=1.0) for b in bins]
     rows = []
-    for attn in args.attn:   # a fresh trainer per kernel, the same seeded weights
-        def one(attn=attn):
+    for attn, comp in [(a, c) for a in args.attn for c in args.compile]:   # a fresh trainer each, same weights
+        def one(attn=attn, comp=comp):
             free(args.device)
-            backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}", attn=attn)
+            backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}",
+                            f"models.policy_trainer.torch_compile={bool(comp)}", attn=attn)
             n_params = matmul_params(backend.model)
             if not gc_on:   # before any update: packed vs each sequence alone under sdpa
                 if "reference" not in check:
                     check["reference"] = {"what": "each sequence alone, sdpa", "logprobs": packed_logprobs(
                         build(args, model_dir), [[s] for s in bins[0]])}
                 diff = (packed_logprobs(backend, [bins[0]]) - check["reference"]["logprobs"]).abs()
-                check[attn] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+                check[variant(attn, comp)] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
             flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
             res = {"matmul_params": n_params, "model_flops_per_step": flops,
                    **run_steps(backend, mbs, args.warmup, args.steps, flops, peak)}
             del backend
             return res
-        rows.append({"gradient_checkpointing": gc_on, "attn": attn, **attempt(f"mfu gc={gc_on} {attn}", one)})
+        rows.append({"gradient_checkpointing": gc_on, "attn": variant(attn, comp),
+                     **attempt(f"mfu gc={gc_on} {variant(attn, comp)}", one)})
     return rows
 
 
@@ -228,13 +235,15 @@ def part_packing(args, model_dir: str, shape: dict, peak: float | None) -> dict:
 
         def one(packing=packing, mbs=mbs):   # a fresh trainer per kernel: the same seeded initial weights
             res = {}
-            for attn in args.attn if packing else ["sdpa"]:   # padded: sdpa over each padded micro-batch
+            kinds = [(a, c) for a in args.attn for c in args.compile] if packing else [("sdpa", 0)]
+            for attn, comp in kinds:   # padded: sdpa over each padded micro-batch, eager
                 free(args.device)
                 backend = build(args, model_dir, f"models.policy_trainer.packing={packing}",
                                 f"runtime_args.train_micro_batch_size={args.padded_mbs}",
-                                f"models.policy_trainer.gradient_checkpointing={bool(args.packing_gc)}", attn=attn)
+                                f"models.policy_trainer.gradient_checkpointing={bool(args.packing_gc)}",
+                                f"models.policy_trainer.torch_compile={bool(comp)}", attn=attn)
                 flops = model_flops(shape, matmul_params(backend.model), lens)
-                res[attn] = attempt(f"{mode} {attn}", lambda b=backend, f=flops: run_steps(
+                res[variant(attn, comp)] = attempt(f"{mode} {variant(attn, comp)}", lambda b=backend, f=flops: run_steps(
                     b, mbs, args.packing_warmup, args.packing_steps, f, peak))
                 del backend
             return res
@@ -301,6 +310,8 @@ def main() -> None:
     add("--parts", nargs="+", choices=["mfu", "packing", "moe"], default=["mfu", "packing", "moe"])
     add("--attn", nargs="+", default=["sdpa", "flex_attention"], help="models.policy_trainer.attn_implementation "
         "values of the mfu rows and the packed rows (padded runs sdpa)")
+    add("--compile", nargs="+", type=int, choices=[0, 1], default=[0], help="models.policy_trainer.torch_compile "
+        "values of the mfu and packed rows (1: each decoder layer compiled)")
     add("--pack", type=int, default=8192, help="models.policy_trainer.max_token_in_packing")
     add("--mfu-micro-batches", type=int, default=4, help="packed micro-batches per MFU step")
     add("--warmup", type=int, default=2)
@@ -353,7 +364,7 @@ def summary(r: dict) -> None:
     err = lambda row: f"ERROR {row['error'][:150]}"   # noqa: E731
     print(f"\n== trainer benchmark: {r['model']} on {r['card']} (peak {r['peak_tflops']} TFLOPS) ==")
     for row in r.get("mfu", {}).get("rows", []):
-        print(f"mfu  gc={'on ' if row['gradient_checkpointing'] else 'off'} {row['attn']:<15}", err(row) if "error" in
+        print(f"mfu  gc={'on ' if row['gradient_checkpointing'] else 'off'} {row['attn']:<24}", err(row) if "error" in
               row else f"{row['useful_tokens_per_s']:>9.0f} tok/s {row['model_tflops_per_s']:6.1f} TFLOPS  "
               f"MFU {f(row['mfu'], '.1%')}  mem {f(row.get('peak_memory_gib'), '.1f')} GiB")
     for attn, row in r.get("mfu", {}).get("attn_logprobs", {}).items():
@@ -364,7 +375,7 @@ def summary(r: dict) -> None:
         p = r["packing"]
         for mode in ("packed", "padded"):
             for attn, row in (p[mode].items() if "error" not in p[mode] else [("-", p[mode])]):
-                print(f"pack {mode:<6} {attn:<15}", err(row) if "error" in row else
+                print(f"pack {mode:<6} {attn:<24}", err(row) if "error" in row else
                       f"{row['useful_tokens_per_s']:>9.0f} useful tok/s  {row['micro_batches']} micro-batches  "
                       f"step-1 loss {row['step1_loss']:.6f}  MFU {f(row['mfu'], '.1%')}")
         for attn, x in p.get("speedup_packed_over_padded", {}).items():

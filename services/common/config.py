@@ -103,6 +103,7 @@ class PolicyTrainerConfig:
     ulysses_sequence_parallel_size: int = 1  # devices one sequence is split over (Ulysses)
     groupgemm: bool = False  # grouped GEMM for MoE experts
     attn_implementation: str = "sdpa"  # trainer attention over packed rows: sdpa or flex_attention (block-sparse)
+    torch_compile: bool = False  # compile each decoder layer with torch.compile (fused elementwise work; first steps compile)
     ref_offload: bool = False  # keep the reference model's shards in host memory between uses (GPU)
     save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
 

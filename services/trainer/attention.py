@@ -52,18 +52,25 @@ def block_mask(seq_lens: list[int], device: torch.device) -> BlockMask:
 @functools.cache
 def _compiled():
     # one static-shape kernel per row length and grad mode; the padded rows keep that count small
+    allow_recompiles()
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def allow_recompiles() -> None:
+    """Raises dynamo's per-code recompile limit (8): every decoder layer compiles the same code, and
+    new row lengths add variants; past the limit torch falls back to eager without an error."""
     limits = torch._dynamo.config
     name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
     setattr(limits, name, max(getattr(limits, name), 64))
-    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockMask,
          scaling: float | None) -> torch.Tensor:
     """q [B, H, S, D], k/v [B, KV, S, D] (grouped-query heads shared) -> [B, S, H, D]."""
     gqa = key.shape[1] != query.shape[1]
-    if query.is_cuda:
-        out = _compiled()(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+    if query.is_cuda:   # inside a compiled layer (torch_compile=True) dynamo traces flex_attention itself
+        fn = flex_attention if torch.compiler.is_compiling() else _compiled()
+        out = fn(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
     else:
         n = query.shape[2]
         dense = create_mask(mask.mask_mod, None, None, n, n, device=query.device)

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from services.common.config import RLConfig
 from services.common.models import ModelLoadError, has_weights, load_causal_lm
+from services.trainer.attention import allow_recompiles
 
 KEY = "models.policy_trainer.load"
 
@@ -47,6 +48,8 @@ def build_sharded(cfg: RLConfig, device: torch.device, mesh, mp: MixedPrecisionP
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{KEY}={path!r} could not be loaded: {exc}") from exc
     extra = model_kwargs(config, cfg)
+    if t.torch_compile:
+        allow_recompiles()
     home = torch.device("cpu") if offload else device   # where this rank's shards live
     if t.meta_init or copy_of is not None:
         with torch.device("meta"):
@@ -61,6 +64,8 @@ def build_sharded(cfg: RLConfig, device: torch.device, mesh, mp: MixedPrecisionP
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=policy)
+            if t.torch_compile:   # the layer's own computation; FSDP's gather/reshard hooks stay outside
+                module.forward = torch.compile(module.forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
     if copy_of is not None:
         with torch.no_grad():

@@ -2,7 +2,8 @@
 
 One torchrun launch runs this module on two ranks; each rank sets up an SP=1, an SP=2 and an SP=2
 flex_attention trainer (TrainerRanks, so the deal and the metric merge are the service's own) on a
-tiny Qwen3 and a tiny Qwen3-MoE (with gradient checkpointing); rank 0 saves the trainers' logprobs,
+tiny Qwen3 and a tiny Qwen3-MoE (with gradient checkpointing), and on the Qwen3 an SP=2 trainer with
+compiled decoder layers (the all-to-alls traced inside them); rank 0 saves the trainers' logprobs,
 step metrics and updated weights for the tests. The flex rows are padded to multiples of 8 here (of
 1024 on GPUs), so the filler sequence and its slices are exercised too.
 """
@@ -22,7 +23,10 @@ from tests.conftest import TINY_VOCAB_SIZE, TINY_WORDS
 pytestmark = pytest.mark.slow
 ARCHS = ("qwen3", "qwen3_moe")
 # name -> (SP size, models.policy_trainer.attn_implementation)
-VARIANTS = {"sp1": (1, "sdpa"), "sp2": (2, "sdpa"), "sp2_flex": (2, "flex_attention")}
+VARIANTS = {"sp1": (1, "sdpa", False), "sp2": (2, "sdpa", False), "sp2_flex": (2, "flex_attention", False),
+            "sp2_compiled": (2, "sdpa", True)}
+# (arch, variant compared with sp1); compiling runs on the dense model only (the MoE one compiles for minutes on CI)
+CASES = [(a, v) for a in ARCHS for v in ("sp2", "sp2_flex")] + [("qwen3", "sp2_compiled")]
 # (prompt, response) lengths: rows of 25 and 17 tokens, both odd; the 25-token row's SP slices meet
 # inside a sequence, the 17-token row's at a sequence start
 ROWS = ([(2, 3), (4, 5), (1, 3), (3, 4)], [(2, 4), (1, 2), (3, 5)])
@@ -55,7 +59,9 @@ def _worker(root: str, out: str) -> None:
     for arch in ARCHS:
         model_dir = build_tiny_model(os.path.join(root, f"{arch}-rank{rank}"), TINY_WORDS, arch=arch, seed=1)
         trainers = {}
-        for name, (sp, attn) in VARIANTS.items():
+        for name, (sp, attn, compiled) in VARIANTS.items():
+            if (arch, name) not in CASES and name != "sp1":
+                continue
             cfg = load_config(overrides=[
                 f"models.policy.load={model_dir}", "models.policy_trainer.dtype=float32",
                 "models.policy_trainer.optimizer.lr=1e-3", "models.policy_trainer.optimizer.weight_decay=0.0",
@@ -65,7 +71,8 @@ def _worker(root: str, out: str) -> None:
                 # the MoE model recomputes its layers in backward: the all-to-alls run again there
                 f"models.policy_trainer.gradient_checkpointing={arch == 'qwen3_moe'}",
                 f"models.policy_trainer.ulysses_sequence_parallel_size={sp}",
-                f"models.policy_trainer.attn_implementation={attn}"])
+                f"models.policy_trainer.attn_implementation={attn}",
+                f"models.policy_trainer.torch_compile={compiled}"])
             trainers[name] = TrainerRanks(device)   # init_distributed: torchrun's world of two
             trainers[name]._setup(config_to_yaml(cfg))
         res = {}
@@ -95,8 +102,7 @@ def results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("variant", ["sp2", "sp2_flex"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "variant"), CASES)
 def test_sp2_logprobs_match_sp1(results, arch, variant):
     one, two = results[arch]["sp1"], results[arch][variant]
     for key in ("logprobs", "padded", "after"):
@@ -108,8 +114,7 @@ def test_sp2_logprobs_match_sp1(results, arch, variant):
     assert (two["after"][0] - two["logprobs"][0]).abs().max() > 1e-3, "the step moved the weights"
 
 
-@pytest.mark.parametrize("variant", ["sp2", "sp2_flex"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "variant"), CASES)
 def test_sp2_train_step_matches_sp1(results, arch, variant):
     one, two = results[arch]["sp1"]["metrics"], results[arch][variant]["metrics"]
     for key in ("loss", "pg_loss", "entropy", "kl", "clip_frac", "grad_norm"):
