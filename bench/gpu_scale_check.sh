@@ -12,6 +12,8 @@
 #                                             # GRPO 1.7B with a 2-rank trainer: the multi-rank weight sync
 #   bash bench/gpu_scale_check.sh x2-bench    # bench/trainer on GPU 0: MFU and packed vs padded, sdpa and flex
 #   bash bench/gpu_scale_check.sh x2-8b       # H200s: Qwen3-8B GRPO, 2-rank trainer + one replica on GPU 1
+# and on one GPU:
+#   bash bench/gpu_scale_check.sh colocated   # trainer and replica on the same GPU: the sync group falls back to gloo
 # Results (JSON) go to $OUT, else bench/results/. Missing pure-Python wheels travel in .whl/.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -78,5 +80,11 @@ x2-8b)
     --max-response 512 --steps 3 --raw-iters 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
     runtime_args.num_inference_per_prompt=8 models.policy_trainer.meta_init=True --out "$out/scale_qwen3-8b_2gpu.json"
   ;;
-*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|x2-bench|x2-8b" >&2; exit 2 ;;
+colocated)
+  run python3 bench/gpu_grpo.py --trainer-device cuda:0 --rollout-devices cuda:0 --steps 4 --out "$out/gpu_grpo_colocated.json"
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:0 --samples 64 \
+    --max-response 512 --steps 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
+    runtime_args.num_inference_per_prompt=8 --out "$out/gpu_grpo_colocated_qwen3-1.7b.json"
+  ;;
+*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|x2-bench|x2-8b|colocated" >&2; exit 2 ;;
 esac

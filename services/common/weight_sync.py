@@ -196,6 +196,32 @@ class BroadcastTransport(WeightTransport):
 TRANSPORTS: dict[str, type[WeightTransport]] = {"broadcast": BroadcastTransport}
 
 
+def gpu_uuids(device: torch.device) -> list[str]:
+    """The physical GPU behind `device` (CUDA_VISIBLE_DEVICES renumbers them per process), [] on CPU."""
+    if device.type != "cuda":
+        return []
+    return [str(torch.cuda.get_device_properties(device).uuid)]
+
+
+def choose_backend(trainer, replicas: list) -> tuple[str, str]:
+    """The group's backend from the members' GetInfo replies (`device`, `gpu_uuids`): NCCL when every
+    member is on a GPU and no two of the group's processes share one (NCCL allows one rank per GPU:
+    a trainer and a replica colocated on one GPU), else gloo through host memory. Returns
+    (backend, why it is gloo; "" for NCCL)."""
+    members = [trainer, *replicas]
+    if not all(m.device.startswith("cuda") for m in members):
+        return "gloo", "a member is on the CPU"
+    name = lambda i: "the trainer" if i == 0 else f"replica {i - 1}"   # noqa: E731
+    owner: dict[str, int] = {}
+    for i, m in enumerate(members):
+        for uuid in m.gpu_uuids:
+            if uuid in owner:
+                return "gloo", (f"{name(owner[uuid])} and {name(i)} share GPU {uuid}; NCCL allows one rank per GPU, "
+                                f"so the weights go through host memory")
+            owner[uuid] = i
+    return "nccl", ""
+
+
 def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
     """Joins the group described by `plan` (blocks until every member joined)."""
     try:

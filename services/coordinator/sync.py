@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rlgrid.v1 import common_pb2 as pb
-from services.common.weight_sync import Rendezvous
+from services.common.weight_sync import Rendezvous, choose_backend
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,15 @@ class WeightSync:
                             f"{len(by_name[0])} parameters): models.policy.load and models.policy_trainer.load "
                             f"must be the same architecture")
         wire = [pb.ParamSpec(name=t.name, shape=t.shape, dtype=by_name[0][t.name][1]) for t in tinfo.params]
-        on_gpu = tinfo.device.startswith("cuda") and all(r.device.startswith("cuda") for r in rinfos)
+        backend, why = choose_backend(tinfo, rinfos)
+        if why:
+            log.info("weight sync over gloo: %s", why)
         ranks, world_size = [0], 1   # the trainer sends as rank 0
         for r in rinfos:              # a replica with k receiving processes takes k consecutive ranks
             ranks.append(world_size)
             world_size += max(r.sync_ranks, 1)
         common = dict(group_id=self.rendezvous.new_group_id(), transport="broadcast",
-                      backend="nccl" if on_gpu else "gloo", rendezvous_host=self.rendezvous.host,
+                      backend=backend, rendezvous_host=self.rendezvous.host,
                       rendezvous_port=self.rendezvous.port, world_size=world_size, params=wire,
                       bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s)
         return [pb.WeightSyncPlan(rank=rank, **common) for rank in ranks]

@@ -43,6 +43,7 @@ class EngineInfo:
     eos_token_id: int
     params: list[ParamMeta] = field(default_factory=list)
     sync_ranks: int = 1   # ranks this replica takes in a weight-sync group (one per receiving process)
+    gpu_uuids: list[str] = field(default_factory=list)   # the GPUs of those processes ([] on CPU)
 
 
 class Engine(abc.ABC):

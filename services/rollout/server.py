@@ -152,7 +152,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rpb.RolloutInfo(engine=i.engine, model=i.model, policy_version=self.engine.version, device=i.device,
                                params=weight_sync.specs_to_wire(i.params), vocab_size=i.vocab_size,
                                eos_token_id=i.eos_token_id, dtype=i.dtype, run_id=self.run_id,
-                               sync_ranks=i.sync_ranks)
+                               sync_ranks=i.sync_ranks, gpu_uuids=i.gpu_uuids)
 
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,

@@ -11,6 +11,8 @@ from services.common.weight_sync import ParamMeta
 
 
 class TrainerBackend(abc.ABC):
+    device: torch.device   # this rank's device (rank 0's sends the weights)
+
     @abc.abstractmethod
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
         """Accumulates gradients over the micro-batches of one optimizer step, then steps."""

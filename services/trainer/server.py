@@ -160,7 +160,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return tpb.TrainerInfo(backend=cfg.models.policy_trainer.backend if cfg else "", step=b.step,
                                model=cfg.models.policy_trainer.load if cfg else "", world_size=self.ranks.world,
                                device=str(self.device), params=weight_sync.specs_to_wire(b.param_specs()),
-                               run_id=self.run_id)
+                               run_id=self.run_id, gpu_uuids=weight_sync.gpu_uuids(b.device))
 
 
 def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,

@@ -250,3 +250,26 @@ def test_sender_with_too_few_tensors_raises_value_error():
 def test_connect_rejects_unknown_transport():
     with pytest.raises(ValueError, match="transport"):
         connect(pb.WeightSyncPlan(transport="carrier-pigeon"), torch.device("cpu"))
+
+
+def test_colocated_members_sync_over_gloo_and_separate_gpus_over_nccl():
+    """NCCL refuses two ranks of one group on one GPU: a trainer and a replica sharing a GPU (found by
+    the GPUs' UUIDs, which CUDA_VISIBLE_DEVICES does not renumber) get gloo, with the reason."""
+    from types import SimpleNamespace as Info
+
+    from services.common.weight_sync import choose_backend
+    trainer = Info(device="cuda:0", gpu_uuids=["GPU-a"])
+    assert choose_backend(trainer, [Info(device="cuda:0", gpu_uuids=["GPU-b"]),
+                                    Info(device="cuda:0", gpu_uuids=["GPU-c", "GPU-d"])]) == ("nccl", "")
+    backend, why = choose_backend(trainer, [Info(device="cuda:0", gpu_uuids=["GPU-b"]),
+                                            Info(device="cuda:0", gpu_uuids=["GPU-c", "GPU-a"])])
+    assert backend == "gloo" and "the trainer and replica 1 share GPU GPU-a" in why
+    backend, why = choose_backend(trainer, [Info(device="cuda:0", gpu_uuids=["GPU-b"]),
+                                            Info(device="cuda:0", gpu_uuids=["GPU-b"])])
+    assert backend == "gloo" and "replica 0 and replica 1 share GPU GPU-b" in why
+    assert choose_backend(Info(device="cpu", gpu_uuids=[]), [Info(device="cuda:0", gpu_uuids=["GPU-b"])])[0] == "gloo"
+
+
+def test_gpu_uuids_are_empty_on_cpu():
+    from services.common.weight_sync import gpu_uuids
+    assert gpu_uuids(torch.device("cpu")) == []

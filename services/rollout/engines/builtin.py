@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from services.common.models import load_causal_lm
-from services.common.weight_sync import ParamMeta
+from services.common.weight_sync import ParamMeta, gpu_uuids
 from services.rollout.engine import Engine, EngineInfo, Generation, Sampling
 from services.rollout.engines.static_kv import StaticKVCache, use_grouped_decode_attention
 
@@ -340,4 +340,5 @@ class BuiltinEngine(Engine):
     def info(self) -> EngineInfo:
         return EngineInfo(engine="builtin", model=self.model_path, device=str(self.device), dtype=str(self.dtype),
                           vocab_size=self.config.vocab_size, eos_token_id=self.eos_ids[0] if self.eos_ids else -1,
-                          params=[ParamMeta(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()])
+                          params=[ParamMeta(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()],
+                          gpu_uuids=gpu_uuids(self.device))

@@ -52,6 +52,9 @@ def _checkpoint_layout(tensors):
 class WeightSyncExtension:
     """Methods added to vLLM's Worker; called with LLM.collective_rpc("rlgrid_...")."""
 
+    def rlgrid_gpu_uuids(self) -> list[str]:
+        return weight_sync.gpu_uuids(self.device)
+
     def rlgrid_join(self, plan_bytes: bytes) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
         plan = pb.WeightSyncPlan.FromString(plan_bytes)
