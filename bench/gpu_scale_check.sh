@@ -10,7 +10,7 @@
 #                                             # the host (NCCL wants one rank per GPU: the sync group runs gloo)
 #   bash bench/gpu_scale_check.sh x2-trainer  # flex_attention and SP=2+flex vs sdpa, ref offload memory (2 ranks);
 #                                             # GRPO 1.7B with a 2-rank trainer: the multi-rank weight sync
-#   bash bench/gpu_scale_check.sh x2-bench    # bench/trainer on GPU 0: MFU and packed vs padded, sdpa and flex
+#   bash bench/gpu_scale_check.sh trainer-bench  # any GPU: bench/trainer, MFU and packed vs padded, sdpa/flex x compile
 #   bash bench/gpu_scale_check.sh x2-8b       # H200s: Qwen3-8B GRPO, 2-rank trainer + one replica on GPU 1
 # and on one GPU:
 #   bash bench/gpu_scale_check.sh colocated   # trainer and replica on the same GPU: the sync group falls back to gloo
@@ -21,6 +21,9 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/protos PYTHONUNBUFFERED=1
 out=${OUT:-bench/results}
 nvidia-smi -L
 run() { echo "+ $*"; "$@"; }
+# the scale rows' GRPO run: 64 samples x 512 tokens, 3 steps (--set last: a call may add more overrides)
+scale=(--samples 64 --max-response 512 --steps 3 --threshold 2
+       --set models.policy_trainer.gradient_checkpointing=True runtime_args.num_inference_per_prompt=8)
 
 case "$1" in
 trainer)
@@ -37,8 +40,7 @@ grpo)
   # FSDP on 4 GPUs, a GRPO run with packing (the 4-rank trainer shares GPU 3 with the replica)
   run python3 bench/gpu_grpo.py --trainer-ranks 4 --rollout-devices cuda:3 --steps 3 --out "$out/gpu_grpo_trainer4.json"
   # scale rows: Qwen3-8B shape, 2-GPU trainer + two 1-GPU replicas; Qwen3-1.7B on 2 and 4 GPUs
-  common=(--samples 64 --max-response 512 --steps 3 --raw-iters 3 --threshold 2
-          --set models.policy_trainer.gradient_checkpointing=True runtime_args.num_inference_per_prompt=8)
+  common=(--raw-iters 3 "${scale[@]}")
   run python3 bench/gpu_grpo.py --shape qwen3-8b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
     --out "$out/scale_qwen3-8b_4gpu.json" || true
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:1 "${common[@]}" \
@@ -68,23 +70,23 @@ vllm|x2-vllm)
 x2-trainer)
   run torchrun --nproc-per-node 2 bench/gpu_trainer.py features --checks flex sp_flex ref_offload \
     --out "$out/trainer_features.jsonl"
-  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:1 --samples 64 \
-    --max-response 512 --steps 3 --raw-iters 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
-    runtime_args.num_inference_per_prompt=8 --out "$out/scale_qwen3-1.7b_2gpu_trainer2.json"
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:1 --raw-iters 3 \
+    "${scale[@]}" --out "$out/scale_qwen3-1.7b_2gpu_trainer2.json"
   ;;
-x2-bench)
-  run python3 -m bench.trainer --parts mfu packing --out "$out/trainer.json"
+trainer-bench)
+  run python3 -m bench.trainer --parts mfu --attn sdpa flex_attention --compile 0 1 --warmup 2 --steps 2 \
+    --out "$out/trainer_compile_mfu.json"
+  run python3 -m bench.trainer --parts packing --attn sdpa flex_attention --compile 0 1 \
+    --out "$out/trainer_compile_packing.json"
   ;;
 x2-8b)
-  run python3 bench/gpu_grpo.py --shape qwen3-8b --trainer-ranks 2 --rollout-devices cuda:1 --samples 64 \
-    --max-response 512 --steps 3 --raw-iters 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
-    runtime_args.num_inference_per_prompt=8 models.policy_trainer.meta_init=True --out "$out/scale_qwen3-8b_2gpu.json"
+  run python3 bench/gpu_grpo.py --shape qwen3-8b --trainer-ranks 2 --rollout-devices cuda:1 --raw-iters 3 \
+    "${scale[@]}" models.policy_trainer.meta_init=True --out "$out/scale_qwen3-8b_2gpu.json"
   ;;
 colocated)
   run python3 bench/gpu_grpo.py --trainer-device cuda:0 --rollout-devices cuda:0 --steps 4 --out "$out/gpu_grpo_colocated.json"
-  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:0 --samples 64 \
-    --max-response 512 --steps 3 --threshold 2 --set models.policy_trainer.gradient_checkpointing=True \
-    runtime_args.num_inference_per_prompt=8 --out "$out/gpu_grpo_colocated_qwen3-1.7b.json"
+  run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:0 "${scale[@]}" \
+    --out "$out/gpu_grpo_colocated_qwen3-1.7b.json"
   ;;
-*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|x2-bench|x2-8b|colocated" >&2; exit 2 ;;
+*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|trainer-bench|x2-8b|colocated" >&2; exit 2 ;;
 esac

@@ -138,7 +138,8 @@ def model_flops(shape: dict, n_params: int, seq_lens: list[int]) -> float:
 
 
 def build(args, model_dir: str, *extra: str, attn: str = "sdpa") -> FSDPBackend:
-    overrides = [f"models.policy_trainer.attn_implementation={attn}",f"models.policy.load={model_dir}", f"models.policy_trainer.dtype={args.dtype}",
+    overrides = [f"models.policy.load={model_dir}", f"models.policy_trainer.dtype={args.dtype}",
+                 f"models.policy_trainer.attn_implementation={attn}",
                  f"models.policy_trainer.max_token_in_packing={args.pack}",
                  f"models.policy.max_prompt_tokens_length={args.lengths['prompt'][1]}",
                  f"models.policy.max_response_tokens_length={args.lengths['response'][1]}", *extra]
@@ -181,7 +182,9 @@ def packed_logprobs(backend: FSDPBackend, groups: list[list[TrainSequence]]) -> 
                                         with_entropy=False)[0].detach().float() for g in groups])
 
 
-def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float | None, check: dict) -> list[dict]:
+def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float | None, check: dict,
+             reference: torch.Tensor) -> list[dict]:
+    """`check` gets each variant's packed logprobs vs `reference` (gc off only, before any update)."""
     n_global = sum(len(s.response_ids) for b in bins for s in b)
     mbs = [make_micro_batch(b, num_global_tokens=n_global, temperature=1.0) for b in bins]
     rows = []
@@ -191,11 +194,8 @@ def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float |
             backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}",
                             f"models.policy_trainer.torch_compile={bool(comp)}", attn=attn)
             n_params = matmul_params(backend.model)
-            if not gc_on:   # before any update: packed vs each sequence alone under sdpa
-                if "reference" not in check:
-                    check["reference"] = {"what": "each sequence alone, sdpa", "logprobs": packed_logprobs(
-                        build(args, model_dir), [[s] for s in bins[0]])}
-                diff = (packed_logprobs(backend, [bins[0]]) - check["reference"]["logprobs"]).abs()
+            if not gc_on:
+                diff = (packed_logprobs(backend, [bins[0]]) - reference).abs()
                 check[variant(attn, comp)] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
             flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
             res = {"matmul_params": n_params, "model_flops_per_step": flops,
@@ -211,11 +211,13 @@ def part_mfu(args, model_dir: str, shape: dict, peak: float | None) -> dict:
     bins = exact_bins(args.mfu_micro_batches, args.pack, args.lengths, shape["vocab_size"], seed=1)
     lens = [s.length for b in bins for s in b]
     out = {"micro_batches_per_step": len(bins), "tokens_per_micro_batch": args.pack, "sequences_per_step": len(lens),
-           "mean_sequence_tokens": statistics.mean(lens), "lengths": args.lengths, "attn_logprobs": {}, "rows": []}
+           "mean_sequence_tokens": statistics.mean(lens), "lengths": args.lengths,
+           "attn_logprobs": {"reference": "each sequence alone, sdpa"}, "rows": []}
+    backend = build(args, model_dir)   # the same seeded weights as every variant's trainer
+    reference = packed_logprobs(backend, [[s] for s in bins[0]])
+    del backend
     for gc_on in (False, True):
-        out["rows"] += mfu_rows(args, model_dir, gc_on, shape, bins, peak, out["attn_logprobs"])
-    out["attn_logprobs"].pop("reference", None)
-    out["attn_logprobs"]["reference"] = "each sequence alone, sdpa"
+        out["rows"] += mfu_rows(args, model_dir, gc_on, shape, bins, peak, out["attn_logprobs"], reference)
     return out
 
 

@@ -37,16 +37,23 @@ def padded_lens(seq_lens: list[int], multiple: int) -> list[int]:
     return list(seq_lens) + [pad] * (pad > 0)
 
 
+def _same_sequence_causal(seq_lens: list[int], device: torch.device):
+    """The packed row's mask as a flex mask_mod: causal inside each sequence, nothing across."""
+    doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), torch.tensor(seq_lens, device=device))
+    return lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)
+
+
 def block_mask(seq_lens: list[int], device: torch.device) -> BlockMask:
-    """Causal attention inside each sequence of a packed row, nothing across sequences."""
-    lens = torch.tensor(seq_lens, device=device)
-    doc = torch.repeat_interleave(torch.arange(len(seq_lens), device=device), lens)
+    """The mask for flex_attention: only the blocks it touches are computed."""
+    n = sum(seq_lens)
+    return create_block_mask(_same_sequence_causal(seq_lens, device), None, None, n, n, device=device,
+                             _compile=False)
 
-    def same_sequence_causal(b, h, q, kv):
-        return (doc[q] == doc[kv]) & (q >= kv)
 
-    n = int(lens.sum())
-    return create_block_mask(same_sequence_causal, None, None, n, n, device=device, _compile=False)
+def dense_mask(seq_lens: list[int], device: torch.device) -> torch.Tensor:
+    """The same mask as [1, 1, S, S] booleans, for sdpa (S*S bytes: a 32k-token row takes 1 GiB)."""
+    n = sum(seq_lens)
+    return create_mask(_same_sequence_causal(seq_lens, device), None, None, n, n, device=device)
 
 
 @functools.cache

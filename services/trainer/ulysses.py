@@ -102,14 +102,7 @@ class SequenceParallel:
         unsplit forward gives, 0 at sequence starts. The padding is a sequence of its own."""
         lens = attention.padded_lens(seq_lens, self.multiple)
         pad = sum(lens) - len(ids)
-        if self.flex:
-            mask = attention.block_mask(lens, ids.device)
-        else:
-            seq = torch.repeat_interleave(torch.arange(len(lens), device=ids.device),
-                                          torch.tensor(lens, device=ids.device))
-            causal = torch.ones(len(seq), len(seq), dtype=torch.bool, device=ids.device).tril()
-            # block-diagonal causal over the whole row for sdpa: S*S bytes (a 32k-token row: 1 GiB)
-            mask = (causal & (seq[:, None] == seq[None, :]))[None, None]
+        mask = (attention.block_mask if self.flex else attention.dense_mask)(lens, ids.device)
         pos = self.shard(position_ids_for(lens).to(ids.device))
         local = self.shard(ids)
         # the mask travels as a forward kwarg: transformers hands those to the attention function, also

@@ -209,6 +209,7 @@ def test_block_mask_is_causal_inside_each_sequence_only():
     doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     expected = (doc[:, None] == doc[None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
     assert torch.equal(dense, expected)
+    assert torch.equal(attention.dense_mask(lens, CPU)[0, 0], expected)   # sdpa's form (Ulysses without flex)
     assert not dense[3, 2] and dense[4, 3] and not dense[3, 4]   # the second sequence starts at 3
 
 
