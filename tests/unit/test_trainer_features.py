@@ -43,6 +43,12 @@ def _step(seed: int) -> list:
     return [make_micro_batch(seqs[i: i + 3], num_global_tokens=total, temperature=1.0) for i in (0, 3)]
 
 
+# Adam divides each gradient element by its own magnitude (+ adam_eps): where a gradient is near the
+# default eps of 1e-8, float rounding of ~1e-9 between two equal computations becomes a parameter
+# difference of order lr. Comparing parameters after a step needs an eps well above that rounding.
+WELL_CONDITIONED_ADAM = "models.policy_trainer.optimizer.adam_eps=1e-4"
+
+
 def _params(backend) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in backend.full_params()}
 
@@ -113,8 +119,8 @@ def test_grouped_mm_experts_match_the_per_expert_loop():
 
 
 def test_groupgemm_trainer_matches_the_loop_and_exports_hf(moe_dir, tmp_path):
-    loop = FSDPBackend(_cfg(moe_dir), CPU)
-    grouped = FSDPBackend(_cfg(moe_dir, "models.policy_trainer.groupgemm=True"), CPU)
+    loop = FSDPBackend(_cfg(moe_dir, WELL_CONDITIONED_ADAM), CPU)
+    grouped = FSDPBackend(_cfg(moe_dir, WELL_CONDITIONED_ADAM, "models.policy_trainer.groupgemm=True"), CPU)
     assert loop.model.config._experts_implementation == "eager"
     assert grouped.model.config._experts_implementation == "grouped_mm"
     probe = _step(5)[0]
@@ -174,7 +180,7 @@ def test_scheduler_and_rng_are_checkpointed(tiny_model_dir, tmp_path):
 def test_training_on_loss_positions_only_equals_the_full_forward(tiny_model_dir, monkeypatch):
     """train_step runs the LM head and the vocab-wide float32 work only for response tokens
     (logits_to_keep); the step must equal one that computes every position."""
-    extra = ("models.policy_trainer.kl_coef=0.1", "models.policy_trainer.entropy_coef=0.01")
+    extra = ("models.policy_trainer.kl_coef=0.1", "models.policy_trainer.entropy_coef=0.01", WELL_CONDITIONED_ADAM)
     sparse, full = FSDPBackend(_cfg(tiny_model_dir, *extra), CPU), FSDPBackend(_cfg(tiny_model_dir, *extra), CPU)
     everything = full._logprobs
     monkeypatch.setattr(full, "_logprobs", lambda model, mb, with_entropy, only_loss=False:
