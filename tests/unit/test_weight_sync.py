@@ -144,7 +144,7 @@ def _bytes(t: torch.Tensor) -> bytes:
 def _plan(rdzv_host: str, rdzv_port: int, group_id: str, rank: int) -> pb.WeightSyncPlan:
     return pb.WeightSyncPlan(group_id=group_id, transport="broadcast", backend="gloo", rendezvous_host=rdzv_host,
                              rendezvous_port=rdzv_port, world_size=3, rank=rank, params=specs_to_wire(PARAMS),
-                             bucket_bytes=BUCKET_BYTES, timeout_s=60)
+                             bucket_bytes=BUCKET_BYTES, timeout_s=60, secret="unit-test-secret")
 
 
 def _member(plan_bytes: bytes, results) -> None:
@@ -235,7 +235,8 @@ def test_sender_with_too_few_tensors_raises_value_error():
     rdzv = Rendezvous("127.0.0.1", bind_host="127.0.0.1")
     plan = pb.WeightSyncPlan(group_id=rdzv.new_group_id(), transport="broadcast", backend="gloo",
                              rendezvous_host=rdzv.host, rendezvous_port=rdzv.port, world_size=1, rank=0,
-                             params=specs_to_wire(PARAMS), bucket_bytes=BUCKET_BYTES, timeout_s=30)
+                             params=specs_to_wire(PARAMS), bucket_bytes=BUCKET_BYTES, timeout_s=30,
+                             secret=rdzv.new_secret())
     transport = connect(plan, torch.device("cpu"))  # a group of one: the sender alone
     try:
         tensors = _expected_tensors()
