@@ -399,10 +399,10 @@ def load_config(yaml_text: str | None = None, overrides: Sequence[str] = (), *,
     source = source or path or "config text"
     if yaml_text is not None:
         layers.append((source, *_parse_yaml(yaml_text, source)))
-    set_by_override: set[str] = set()
+    set_by_override: dict[str, int] = {}
     for i, override in enumerate(overrides):
         key, layer = _parse_override(i, override)
-        set_by_override.add(key)
+        set_by_override[key] = i
         layers.append((f"overrides[{i}]", layer, {}))
 
     errors = [f"{msg} ({_where(src, marks, key)})" for src, layer, marks in layers
@@ -417,7 +417,8 @@ def load_config(yaml_text: str | None = None, overrides: Sequence[str] = (), *,
         tp = _leaf_types().get(key.split("[")[0])
         want = f"expected {tp if typing.get_origin(tp) else tp.__name__}" if tp else "invalid value"
         src, marks = next(((s, m) for s, _, m in reversed(layers) if key.split("[")[0] in m), (None, {}))
-        where = "in overrides" if key.split("[")[0] in set_by_override else (_where(src, marks, key) if src else "")
+        i = set_by_override.get(key.split("[")[0])
+        where = f"overrides[{i}]" if i is not None else (_where(src, marks, key) if src else "")
         raise ConfigError(f"invalid value for {_key_text(key) if key else 'a key'}"
                           f"{f' ({where})' if where else ''}: {want}") from None
 

@@ -114,9 +114,7 @@ class BroadcastTransport(WeightTransport):
     def __init__(self, plan: pb.WeightSyncPlan, device: torch.device):
         super().__init__(plan, device)
         timeout = datetime.timedelta(seconds=plan.timeout_s or 300)
-        if not plan.secret:
-            raise ValueError("the weight-sync plan has no secret: only the coordinator's plans (which carry one) "
-                             "join a group")
+        check_plan_secret(plan)
         store = dist.TCPStore(plan.rendezvous_host, plan.rendezvous_port, is_master=False, timeout=timeout)
         store = dist.PrefixStore(group_prefix(plan), store)
         if plan.backend == "nccl":
@@ -234,6 +232,12 @@ def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
     except KeyError:
         raise ValueError(f"unknown weight-sync transport {plan.transport!r}; known: {sorted(TRANSPORTS)}") from None
     return cls(plan, device)
+
+
+def check_plan_secret(plan: pb.WeightSyncPlan) -> None:
+    if not plan.secret:
+        raise ValueError("the weight-sync plan has no secret: only the coordinator's plans (which carry one) "
+                         "join a group")
 
 
 def group_prefix(plan: pb.WeightSyncPlan) -> str:

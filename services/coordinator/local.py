@@ -38,17 +38,21 @@ class Proc:
 @dataclass(frozen=True)
 class LocalTLS:
     """PEM files for a local cluster: one CA, and one certificate (valid for localhost) that every
-    service serves and presents as a client (mutual TLS on every link)."""
+    service serves and presents as a client. Trainers and rollouts require it from their callers
+    (mutual TLS: only the coordinator steers them); the coordinator requires client certificates
+    only with `coordinator_mtls` (else grpcurl needs just the CA)."""
     ca: str
     cert: str
     key: str
+    coordinator_mtls: bool = False
 
     def client(self) -> ClientTLS:
         return ClientTLS(self.ca, self.cert, self.key)
 
-    def flags(self) -> list[str]:
-        return ["--tls-cert", self.cert, "--tls-key", self.key, "--tls-client-ca", self.ca, "--tls-ca", self.ca,
-                "--tls-client-cert", self.cert, "--tls-client-key", self.key]
+    def flags(self, module: str) -> list[str]:
+        mutual = module != "services.coordinator" or self.coordinator_mtls
+        return ["--tls-cert", self.cert, "--tls-key", self.key, *(["--tls-client-ca", self.ca] if mutual else []),
+                "--tls-ca", self.ca, "--tls-client-cert", self.cert, "--tls-client-key", self.key]
 
 
 # the root flags each service takes (services.common.paths.ROOT_FLAGS)
@@ -63,12 +67,13 @@ class LocalCluster:
     `roots`: directories every service may read and write client-named paths under (each root flag of
     each service; default: the services' own defaults). `worker_secret`: fixed for the trainers and
     rollouts it starts, so the caller can steer them itself (`channel(proc)`); `tls`: every service
-    serves and calls over mutual TLS."""
+    serves and calls over TLS; `env`: added to every process's environment (e.g. RLGRID_AUTH_TOKEN)."""
     log_dir: str
     procs: list[Proc] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
     worker_secret: str | None = None
     tls: LocalTLS | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
@@ -81,11 +86,11 @@ class LocalCluster:
                     else [])
         log_path = os.path.join(self.log_dir, f"{name}.log")
         args = (*args, *[a for flag in _ROOT_FLAGS.get(module, ()) for root in self.roots for a in (flag, root)],
-                *(self.tls.flags() if self.tls and module in _ROOT_FLAGS else ()))
+                *(self.tls.flags(module) if self.tls and module in _ROOT_FLAGS else ()))
         secret = {WORKER_SECRET_ENV: self.worker_secret} if self.worker_secret and module != "services.coordinator" \
             else {}
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
-               **secret, **(env or {})}
+               **secret, **self.env, **(env or {})}
         with open(log_path, "w") as log:
             popen = subprocess.Popen([sys.executable, *launcher, "-m", module, "--port", str(port), *args], stdout=log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
@@ -95,8 +100,8 @@ class LocalCluster:
 
     def channel(self, proc: Proc, **kwargs) -> grpc.Channel:
         """A channel to `proc` with this cluster's TLS, carrying the worker secret (harmless to the coordinator)."""
-        return make_channel(proc.address, worker_secret=self.worker_secret,
-                            tls=self.tls.client() if self.tls else None, **kwargs)
+        return make_channel(proc.address, **{"worker_secret": self.worker_secret,
+                                             "tls": self.tls.client() if self.tls else None, **kwargs})
 
     def wait_healthy(self, proc: Proc, timeout: float = 120.0) -> None:
         try:

@@ -124,6 +124,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                                       f"and rollout must load the same architecture (models.policy.load)")
         if len(theirs) != len(mine):
             raise InvalidArgument(f"params: plan has {len(theirs)} parameters, this replica's model {len(mine)}")
+        weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
         engine.join_weight_sync(request)
         log.info("joined weight-sync group %s as rank %d/%d", request.group_id, request.rank, request.world_size)
         return pb.Empty()

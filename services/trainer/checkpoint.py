@@ -22,7 +22,8 @@ import os
 import pickle
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -84,9 +85,25 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """Reads non-tensor entries with weights_only=True (DCP's default planner unpickles them freely)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        safe = torch.load(value, weights_only=True)   # refuses anything but plain data
+        try:
+            safe = torch.load(value, weights_only=True)   # refuses anything but plain data
+        except pickle.UnpicklingError:
+            raise CheckpointRefused(f"the checkpoint's entry {read_item.dest_index.fqn} is not plain data (numbers, "
+                                    f"strings, lists, dicts): refused (a DCP checkpoint is pickle underneath)") from None
         # hand DCP's own placement the same value, re-serialised by us: it unpickles only what we wrote
         clean = io.BytesIO()
         torch.save(safe, clean)
         clean.seek(0)
         super().load_bytes(read_item, clean)
+
+
+def load_verified(state: dict, path: str, meta: dict) -> None:
+    """dcp.load of an rlgrid checkpoint into `state` (resharded as DCP does), with both guards. A refusal
+    raises CheckpointRefused (DCP would wrap it in its CheckpointException, a BaseException)."""
+    try:
+        dcp.load(state, storage_reader=VerifiedReader(path, meta), planner=SafeLoadPlanner())
+    except CheckpointException as exc:
+        refused = [e for e, _ in exc.failures.values() if isinstance(e, CheckpointRefused)]
+        if refused:
+            raise refused[0] from None
+        raise RuntimeError(f"loading the checkpoint failed: {exc}") from None

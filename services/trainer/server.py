@@ -108,6 +108,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
+        weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
         self._leave_weight_sync()
         self.ranks.transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
         log.info("joined weight-sync group %s as sender, world size %d", request.group_id, request.world_size)

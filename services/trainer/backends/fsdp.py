@@ -36,8 +36,7 @@ from services.trainer.build import build_sharded
 from services.trainer.checkpoint import (
     DIGEST_FIELD,
     META_FILE,
-    SafeLoadPlanner,
-    VerifiedReader,
+    load_verified,
     metadata_digest,
     verified_metadata,
 )
@@ -304,7 +303,7 @@ class FSDPBackend(TrainerBackend):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         # DCP reshards (the saving world size need not match); only verified metadata is unpickled
-        dcp.load(state, storage_reader=VerifiedReader(path, meta), planner=SafeLoadPlanner())
+        load_verified(state, path, meta)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
