@@ -43,12 +43,13 @@ def make_ca(directory: str, name: str = "ca") -> tuple[str, object, object]:
     return _write(os.path.join(directory, f"{name}.pem"), cert.public_bytes(serialization.Encoding.PEM)), cert, key
 
 
-def make_leaf(directory: str, name: str, ca_cert, ca_key) -> tuple[str, str]:
-    """(cert PEM, key PEM) for localhost / 127.0.0.1 / ::1, usable as server and as client certificate."""
+def make_leaf(directory: str, name: str, ca_cert, ca_key, dns: tuple[str, ...] = ("localhost",),
+              ips: tuple[str, ...] = ("127.0.0.1", "::1")) -> tuple[str, str]:
+    """(cert PEM, key PEM) for `dns` and `ips` (default: this host's loopback names), usable as server and
+    as client certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-             x509.IPAddress(ipaddress.ip_address("::1"))]
+    names = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))

@@ -250,6 +250,22 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(certs):
         server.stop(0)
 
 
+def test_tls_server_name_for_certificates_that_do_not_list_the_address(tmp_path):
+    """Services reached by container IPs carry a certificate for a fixed name: --tls-server-name."""
+    from services.common.rpc import ClientTLS, ServerTLS
+    from tests.certs import make_ca, make_leaf
+    ca, ca_cert, ca_key = make_ca(str(tmp_path))
+    server = _server(auth_token="", tls=ServerTLS(*make_leaf(str(tmp_path), "named", ca_cert, ca_key,
+                                                             dns=("rlgrid-service",), ips=())))
+    try:
+        assert _get_info(f"localhost:{server.port}", tls=ClientTLS(ca, server_name="rlgrid-service")).device == "cpu"
+        with pytest.raises(grpc.RpcError) as info:
+            _get_info(f"localhost:{server.port}", tls=ClientTLS(ca))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
 def test_worker_secret_guards_every_method_but_get_info():
     server = _server(auth_token=TOKEN, worker_secret="w0rker", open_methods=[f"/{ROLLOUT}/GetInfo"])
     address = _address(server)
@@ -274,3 +290,27 @@ def test_worker_secret_guards_every_method_but_get_info():
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(0)
+
+
+def test_security_flags_go_together(monkeypatch, capsys):
+    import argparse
+
+    from services.common import rpc
+    from services.common.security import add_security_args, transport_from_args
+    monkeypatch.setattr(rpc, "_client_tls", None)
+    parser = argparse.ArgumentParser()
+    add_security_args(parser)
+
+    def parse(*argv):
+        return transport_from_args(parser, parser.parse_args(list(argv)))
+    for argv, error in ((["--tls-cert", "c"], "--tls-cert and --tls-key go together"),
+                        (["--tls-client-ca", "ca"], "--tls-client-ca (mutual TLS) needs --tls-cert"),
+                        (["--tls-client-cert", "c", "--tls-client-key", "k"], "need --tls-ca"),
+                        (["--tls-server-name", "n"], "need --tls-ca")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        assert error in capsys.readouterr().err
+    transport = parse("--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca", "--tls-ca", "ca",
+                      "--insecure-no-auth")
+    assert transport.tls == rpc.ServerTLS("c", "k", "ca") and transport.insecure_no_auth
+    assert rpc._client_tls == rpc.ClientTLS("ca")   # every channel this process opens now uses TLS
