@@ -41,7 +41,7 @@ def main() -> None:
     base = [f"runtime_args.data_path={data}", f"models.policy.load={model}", "runtime_args.num_episode=4",
             "models.policy.dtype=auto", "models.policy_trainer.dtype=auto", "runtime_args.logprob_diff_threshold=0.5",
             "models.policy_trainer.optimizer.lr=0.001"]
-    cluster = LocalCluster(os.path.join(work, "logs"))
+    cluster = LocalCluster(os.path.join(work, "logs"), roots=[work])   # the run's paths lie in work
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)

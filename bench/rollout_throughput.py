@@ -33,7 +33,6 @@ from rlgrid.v1 import common_pb2 as pb  # noqa: E402
 from rlgrid.v1 import rollout_pb2 as rpb  # noqa: E402
 from rlgrid.v1 import rollout_pb2_grpc  # noqa: E402
 from services.common.config import config_to_yaml, load_config  # noqa: E402
-from services.common.rpc import make_channel  # noqa: E402
 from services.common.tensors import ids_to_wire  # noqa: E402
 from services.coordinator.local import LocalCluster  # noqa: E402
 from services.rollout.engine import Sampling  # noqa: E402
@@ -108,14 +107,14 @@ def main() -> None:
 
     if not args.compare_hf_only:
         # the service first: its process owns its device while the in-process engine starts
-        cluster = LocalCluster(os.path.join(work, "logs"))
+        cluster = LocalCluster(os.path.join(work, "logs"), roots=[work], worker_secret="bench-worker-secret")
         try:
             env, dev = pin_gpu(service_device)
             # the same intra-op threads as this process, where the in-process engine runs
             env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
             proc = cluster.start("rollout", "services.rollout", "--device", dev, env=env)
             cluster.wait_healthy(proc)
-            stub = rollout_pb2_grpc.RolloutServiceStub(make_channel(proc.address))
+            stub = rollout_pb2_grpc.RolloutServiceStub(cluster.channel(proc))
             stub.Setup(pb.SetupRequest(run_id="bench", config_yaml=config_to_yaml(cfg)), timeout=900)
             request = rpb.GenerateRequest(
                 prompts=[rpb.Prompt(group_id=f"p-{i}", prompt_ids=ids_to_wire(p)) for i, p in enumerate(ps)],

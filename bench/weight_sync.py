@@ -82,7 +82,8 @@ def measure_raw(devices: list[str], nbytes: int, iters: int) -> list[float]:
 
 
 def measure_ours(model_dir: str, args) -> dict:
-    cluster = LocalCluster(os.path.join(model_dir, "logs"))
+    secret = "bench-worker-secret"   # this script steers the services itself, as a coordinator would
+    cluster = LocalCluster(os.path.join(model_dir, "logs"), roots=[model_dir], worker_secret=secret)
     try:
         trainer = cluster.start("trainer", "services.trainer", "--device", args.trainer_device)
         rollout = cluster.start("rollout", "services.rollout", "--device", args.rollout_device)
@@ -92,7 +93,8 @@ def measure_ours(model_dir: str, args) -> dict:
                                      f"runtime_args.weight_sync_bucket_mb={args.bucket_mb}"])
         setup = pb.SetupRequest(run_id="bench", config_yaml=config_to_yaml(cfg))
         t0 = time.perf_counter()
-        tclient, pool = TrainerClient(trainer.address, 64), RolloutPool([rollout.address], max_message_mb=64, retries=0)
+        tclient = TrainerClient(trainer.address, 64, secret=secret)
+        pool = RolloutPool([rollout.address], max_message_mb=64, retries=0, secrets={rollout.address: secret})
         tclient.stub.Setup(setup, timeout=900)
         pool.call_all("Setup", setup, timeout=900)
         setup_s = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -159,12 +160,13 @@ def _leaves(value: Any, key: str) -> list[str]:
     return [key]
 
 
-def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[str]:
-    """Walk a user's plain dict against the schema; one message per unknown key."""
+def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """Walk a user's plain dict against the schema; one (dotted key, message) per unknown key."""
     fields = typing.get_type_hints(cls)
     if not isinstance(user, dict):
-        return [f"'{prefix.rstrip('.')}' must be a mapping with keys: {', '.join(fields)}"]
-    errors: list[str] = []
+        key = prefix.rstrip('.')
+        return [(key, f"'{key}' must be a mapping with keys: {', '.join(fields)}")]
+    errors: list[tuple[str, str]] = []
     for name, value in ((str(k), v) for k, v in user.items()):
         key = prefix + name
         if name in fields:
@@ -175,7 +177,7 @@ def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[str]:
         for leaf in _leaves(value, key):
             hint = _suggest(leaf)
             fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(fields)}"
-            errors.append(f"unknown config key '{leaf}'; {fix}")
+            errors.append((leaf, f"unknown config key {_key_text(leaf)}; {fix}"))
     return errors
 
 
@@ -261,7 +263,7 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
 
 def _validate(cfg: RLConfig) -> None:
     """Ranges first (later checks divide by them), then cross-field, then NOT_IMPLEMENTED."""
-    errors = [f"{k}={_get(cfg, k)!r} is invalid; must be {desc}"
+    errors = [f"{k}{_shown(_get(cfg, k))} is invalid; must be {desc}"
               for k, ok, desc in _RANGES if not ok(_get(cfg, k))]
     if not errors:
         errors = _consistency_errors(cfg)
@@ -273,56 +275,152 @@ def _validate(cfg: RLConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def _parse_yaml(text: str, source: str) -> DictConfig:
+# ---- parsing: client-sent text is data --------------------------------------------------------------
+# Whatever a client sends (config_yaml, overrides, a file it names) is parsed, never evaluated: an
+# OmegaConf interpolation `${...}` (`${oc.env:HOME}` would read the server's environment) is refused,
+# and so are YAML anchors/aliases. No error repeats a value or a line of the text: it names the key and
+# the line/column, so a file read by mistake never comes back in a message.
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,100}")
+_INTERPOLATION = "${"
+_YAML_TOKEN = re.compile(r"[^\w\s]{1,3}|<[\w ]+>")   # what a YAML error may quote: ',' ']' '<scalar>'
+Marks = dict[str, tuple[int, int]]   # dotted key -> (line, column), 1-based, of a YAML text
+
+
+def _key_text(key: str) -> str:
+    """A key as errors show it: quoted when it looks like a key, else not at all (it may be file content)."""
+    return f"'{key}'" if _PLAIN_KEY.fullmatch(key) else "(a key that is not a config key name)"
+
+
+def _shown(value: Any) -> str:
+    """`=value` for numbers (an error may show them), nothing for strings (they are not echoed)."""
+    return f"={value!r}" if isinstance(value, (bool, int, float)) else ""
+
+
+def _where(source: str, marks: Marks, key: str) -> str:
+    line_col = marks.get(key.split("[")[0])
+    return f"line {line_col[0]}, column {line_col[1]} of {source}" if line_col else source
+
+
+def _interpolation_error(key: str, where: str) -> ConfigError:
+    return ConfigError(f"{_key_text(key)} ({where}): '${{...}}' is OmegaConf interpolation, which rlgrid never "
+                       f"resolves in a config a client sends; write the value itself")
+
+
+def _yaml_error(e: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    # the parser's own words, minus anything it quotes from the text
+    problem = re.sub(r"'([^']*)'", lambda m: m[0] if _YAML_TOKEN.fullmatch(m[1]) else "'...'",
+                     getattr(e, "problem", None) or "syntax error")
+    return ConfigError(f"invalid YAML in {source}{where}: {problem}")
+
+
+def _scan_yaml(text: str, source: str) -> Marks:
+    """Locates every key of a YAML text and refuses interpolation and aliases; values stay unread."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, source) from None
+    marks: Marks = {}
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, key: str) -> None:
+        if id(node) in seen:   # the composer hands out an anchored node again for each alias
+            raise ConfigError(f"{source} line {node.start_mark.line + 1}: YAML anchors and aliases (&name, *name, "
+                              f"<<) are not accepted in an rlgrid config; write each value out")
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                name = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                child = f"{key}.{name}" if key else name
+                marks.setdefault(child, (k.start_mark.line + 1, k.start_mark.column + 1))
+                if _INTERPOLATION in name:
+                    raise _interpolation_error(child, _where(source, marks, child))
+                walk(v, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, f"{key}[{i}]")
+        elif _INTERPOLATION in str(node.value):
+            raise _interpolation_error(key, f"line {node.start_mark.line + 1}, column "
+                                            f"{node.start_mark.column + 1} of {source}")
+
+    if root is not None:
+        walk(root, "")
+    return marks
+
+
+def _parse_yaml(text: str, source: str) -> tuple[DictConfig, Marks]:
+    marks = _scan_yaml(text, source)
     try:
         node = OmegaConf.create(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML in {source}: {e}") from None
+        raise _yaml_error(e, source) from None
     except AssertionError:  # OmegaConf.create asserts on a top-level scalar such as "3"
         node = None
+    except OmegaConfBaseException:
+        raise ConfigError(f"{source} could not be read as a config (a mapping of keys to values)") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{source} must be a YAML mapping (runtime_args: ..., models: ...)")
-    return node
+    return node, marks
+
+
+def _parse_override(i: int, override: str) -> tuple[str, DictConfig]:
+    key, eq, _ = override.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"overrides[{i}] ({_key_text(key)}) must look like dotted.key=value")
+    if _INTERPOLATION in override:
+        raise _interpolation_error(key, f"overrides[{i}]")
+    try:
+        return key, OmegaConf.from_dotlist([override])
+    except (yaml.YAMLError, OmegaConfBaseException):
+        raise ConfigError(f"overrides[{i}] ({_key_text(key)}): the value is not valid YAML") from None
 
 
 def load_config(yaml_text: str | None = None, overrides: Sequence[str] = (), *,
-                path: str | None = None) -> RLConfig:
+                path: str | None = None, source: str | None = None) -> RLConfig:
     """Build the run config: schema defaults < YAML (``yaml_text`` or ``path``) < ``overrides``.
 
     ``overrides`` are ChatLearn-style ``dotted.key=value`` strings, e.g. ``runtime_args.seed=1``.
+    ``source`` names the YAML in errors (default: the path, or "config text"). The text is data:
+    ``${...}`` interpolation is refused, and no error repeats a value or a line of it.
     """
     if yaml_text is not None and path is not None:
         raise ConfigError("pass either yaml_text or path, not both")
-    layers: list[tuple[str, DictConfig]] = []
+    layers: list[tuple[str, DictConfig, Marks]] = []
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
                 yaml_text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path!r}: {e.strerror}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path!r}: {getattr(e, 'strerror', None) or 'not UTF-8'}"
+                              ) from None
+    source = source or path or "config text"
     if yaml_text is not None:
-        layers.append((path or "config text", _parse_yaml(yaml_text, path or "config text")))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like dotted.key=value, got {bad}")
-    try:
-        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+        layers.append((source, *_parse_yaml(yaml_text, source)))
+    set_by_override: dict[str, int] = {}
+    for i, override in enumerate(overrides):
+        key, layer = _parse_override(i, override)
+        set_by_override[key] = i
+        layers.append((f"overrides[{i}]", layer, {}))
 
-    errors = [f"{err} (in {source})" for source, layer in layers
-              for err in _unknown_key_errors(OmegaConf.to_container(layer), RLConfig)]
+    errors = [f"{msg} ({_where(src, marks, key)})" for src, layer, marks in layers
+              for key, msg in _unknown_key_errors(OmegaConf.to_container(layer), RLConfig)]
     if errors:
         raise ConfigError("\n".join(errors))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RLConfig), *(layer for _, layer in layers))
+        merged = OmegaConf.merge(OmegaConf.structured(RLConfig), *(layer for _, layer, _ in layers))
         cfg = typing.cast(RLConfig, OmegaConf.to_object(merged))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "<unknown>"
+        key = str(getattr(e, "full_key", None) or "")
         tp = _leaf_types().get(key.split("[")[0])
         want = f"expected {tp if typing.get_origin(tp) else tp.__name__}" if tp else "invalid value"
-        reason = str(e).splitlines()[0]
-        raise ConfigError(f"invalid value for '{key}': {want} ({reason})") from None
+        src, marks = next(((s, m) for s, _, m in reversed(layers) if key.split("[")[0] in m), (None, {}))
+        i = set_by_override.get(key.split("[")[0])
+        where = f"overrides[{i}]" if i is not None else (_where(src, marks, key) if src else "")
+        raise ConfigError(f"invalid value for {_key_text(key) if key else 'a key'}"
+                          f"{f' ({where})' if where else ''}: {want}") from None
 
     if not cfg.models.policy_trainer.load:
         cfg.models.policy_trainer.load = cfg.models.policy.load

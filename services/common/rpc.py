@@ -1,12 +1,17 @@
-"""gRPC plumbing shared by the three services: servers with reflection, health, auth and
-deliberate message limits; channels that carry the auth token; errors mapped to status codes."""
+"""gRPC plumbing shared by the three services: servers with reflection, health, auth, TLS and
+deliberate message limits; channels that carry the auth token (and a worker's secret) over TLS when
+configured; errors mapped to status codes. docs/security.md describes the model."""
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
+import ipaddress
 import logging
 import os
+import socket
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import grpc
@@ -16,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "RLGRID_AUTH_TOKEN"
+# The secret a worker accepts steering calls with travels in this metadata key (docs/security.md).
+WORKER_SECRET_KEY = "x-rlgrid-worker-secret"
 # gRPC's 4 MiB default is too small for a step's samples; batches above this are refused
 # by the sender with an error naming runtime_args.grpc_max_message_mb.
 DEFAULT_MAX_MESSAGE_MB = int(os.environ.get("RLGRID_GRPC_MAX_MESSAGE_MB", "64"))
@@ -42,6 +49,10 @@ class NotFound(RpcError, KeyError):
 
 class FailedPrecondition(RpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(RpcError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
@@ -91,42 +102,145 @@ def handle_errors(method: Callable) -> Callable:
     return wrapper
 
 
+def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that aborts with `code`."""
+    def deny(request, context):
+        context.abort(code, message)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _same(given: str | None, expected: str) -> bool:
+    """Constant-time comparison: the time taken says nothing about how much of a secret matched."""
+    return hmac.compare_digest((given or "").encode(), expected.encode())
+
+
 class _AuthInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC except health checks."""
+    """Requires `authorization: Bearer <token>` on every RPC except health checks (when a token is
+    set), and a worker's secret on every method of `guarded` services except `open_methods`."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"missing or wrong 'authorization: Bearer <token>' metadata (token set by {AUTH_ENV})")
-        self._deny = deny
+    def __init__(self, token: str | None, worker_secret: str | None = None, guarded: Iterable[str] = (),
+                 open_methods: Iterable[str] = ()):
+        self._expected = f"Bearer {token}" if token else None
+        self._secret = worker_secret
+        self._guarded = tuple(f"/{name}/" for name in guarded)
+        self._open = frozenset(open_methods)
 
     def intercept_service(self, continuation, details):
         if details.method.startswith(_HEALTH_PREFIX):
             return continuation(details)
-        if dict(details.invocation_metadata or ()).get("authorization") == self._expected:
+        metadata = dict(details.invocation_metadata or ())
+        denial = None
+        if self._expected and not _same(metadata.get("authorization"), self._expected):
+            denial = (grpc.StatusCode.UNAUTHENTICATED,
+                      f"missing or wrong 'authorization: Bearer <token>' metadata (token set by {AUTH_ENV})")
+        elif self._secret is not None:
+            given = metadata.get(WORKER_SECRET_KEY)
+            steering = details.method.startswith(self._guarded) and details.method not in self._open
+            if (given is not None or steering) and not _same(given, self._secret):
+                denial = (grpc.StatusCode.PERMISSION_DENIED,
+                          f"{details.method} steers this worker: only the coordinator it registered with may "
+                          f"call it (with the worker's secret in '{WORKER_SECRET_KEY}' metadata)")
+        if denial is None:
             return continuation(details)
         handler = continuation(details)
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(self._deny)
-        return grpc.unary_unary_rpc_method_handler(self._deny)
+        return None if handler is None else _deny_like(handler, *denial)
+
+
+class InsecureServer(RuntimeError):
+    """A server would listen beyond loopback without a token and without --insecure-no-auth."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address (a name is resolved)."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server's certificate (PEM files); with `client_ca`, clients must present a certificate signed
+    by it (mutual TLS) on every connection."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = _read(self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials([(_read(self.key), _read(self.cert))], root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How this process's channels check servers: the CA that signed their certificates, optionally
+    a client certificate (mutual TLS) and the name the servers' certificates carry (when addresses
+    are IPs or container names the certificates do not list)."""
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(_read(self.ca), _read(self.key) if self.key else None,
+                                            _read(self.cert) if self.cert else None)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+_client_tls: ClientTLS | None = None
+
+
+def set_client_tls(tls: ClientTLS | None) -> None:
+    """This process's TLS settings for every channel it opens (set once at start, from --tls-ca)."""
+    global _client_tls
+    _client_tls = tls
 
 
 class Server:
-    """A started gRPC server with reflection and grpc.health.v1, serving on `port`."""
+    """A started gRPC server with reflection and grpc.health.v1, serving on `port`.
 
-    def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "0.0.0.0",
+    Beyond loopback it refuses to start without an auth token unless `insecure_no_auth` (which logs a
+    warning). `tls` serves TLS (mutual with `tls.client_ca`). `worker_secret` guards every method of
+    the registered services except `open_methods` (full method names): a worker's steering calls."""
+
+    def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "localhost",
                  port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = 16,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, tls: ServerTLS | None = None, insecure_no_auth: bool = False,
+                 worker_secret: str | None = None, open_methods: Iterable[str] = ()):
         token = os.environ.get(AUTH_ENV) if auth_token is None else auth_token
-        interceptors = [_AuthInterceptor(token)] if token else []
+        registrations = list(registrations)
+        if not is_loopback(host):
+            if not token and not insecure_no_auth:
+                raise InsecureServer(f"refusing to serve on {host}:{port} (beyond loopback) without an auth token: "
+                                     f"set {AUTH_ENV}, bind --host localhost, or pass --insecure-no-auth to accept "
+                                     f"any caller")
+            if not token:
+                log.warning("serving on %s:%s with NO authentication (--insecure-no-auth): anyone who reaches "
+                            "this port can call every RPC", host, port)
+            elif tls is None:
+                log.warning("serving on %s:%s without TLS: the bearer token crosses the network in clear "
+                            "(--tls-cert/--tls-key)", host, port)
+        interceptors = []
+        if token or worker_secret is not None:
+            interceptors.append(_AuthInterceptor(token, worker_secret, [name for _, _, name in registrations],
+                                                 open_methods))
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                 options=channel_options(max_message_mb), interceptors=interceptors)
         names = []
@@ -137,7 +251,9 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (self.grpc.add_secure_port(address, tls.credentials()) if tls is not None
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         self.grpc.start()
@@ -152,13 +268,15 @@ class Server:
         self.grpc.wait_for_termination()
 
 
-class _TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def __init__(self, token: str):
-        self._md = ("authorization", f"Bearer {token}")
+class _MetadataClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the auth token, a worker's secret) to every call."""
+
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self._md = metadata
 
     def _details(self, details):
-        md = list(details.metadata or []) + [self._md]
+        md = list(details.metadata or []) + self._md
         return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -181,17 +299,28 @@ class _Details(grpc.ClientCallDetails):
         self.metadata = metadata
 
 
+def _raw_channel(address: str, options: list[tuple[str, Any]], tls: ClientTLS | None) -> grpc.Channel:
+    tls = tls if tls is not None else _client_tls
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options + tls.options())
+
+
 def make_channel(address: str, *, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-                 auth_token: str | None = None) -> grpc.Channel:
-    """An insecure channel with our message limits; adds the auth token when one is set."""
-    channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+                 auth_token: str | None = None, worker_secret: str | None = None,
+                 tls: ClientTLS | None = None) -> grpc.Channel:
+    """A channel with our message limits, over TLS when `tls` (or the process's set_client_tls) is
+    given; adds the auth token when one is set and `worker_secret` to steer a worker."""
+    channel = _raw_channel(address, channel_options(max_message_mb), tls)
     token = os.environ.get(AUTH_ENV) if auth_token is None else auth_token
-    return grpc.intercept_channel(channel, _TokenClientInterceptor(token)) if token else channel
+    metadata = ([("authorization", f"Bearer {token}")] if token else []) + \
+        ([(WORKER_SECRET_KEY, worker_secret)] if worker_secret else [])
+    return grpc.intercept_channel(channel, _MetadataClientInterceptor(metadata)) if metadata else channel
 
 
-def wait_healthy(address: str, timeout: float = 30.0) -> None:
+def wait_healthy(address: str, timeout: float = 30.0, tls: ClientTLS | None = None) -> None:
     """Blocks until the server at `address` answers SERVING to a health check."""
-    with grpc.insecure_channel(address) as channel:
+    with _raw_channel(address, [], tls) as channel:
         grpc.channel_ready_future(channel).result(timeout=timeout)
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:

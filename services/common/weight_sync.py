@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 import datetime
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -112,8 +114,9 @@ class BroadcastTransport(WeightTransport):
     def __init__(self, plan: pb.WeightSyncPlan, device: torch.device):
         super().__init__(plan, device)
         timeout = datetime.timedelta(seconds=plan.timeout_s or 300)
+        check_plan_secret(plan)
         store = dist.TCPStore(plan.rendezvous_host, plan.rendezvous_port, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(plan.group_id, store)
+        store = dist.PrefixStore(group_prefix(plan), store)
         if plan.backend == "nccl":
             self.pg = dist.ProcessGroupNCCL(store, plan.rank, plan.world_size, dist.ProcessGroupNCCL.Options())
         elif plan.backend == "gloo":
@@ -231,13 +234,33 @@ def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
     return cls(plan, device)
 
 
-class Rendezvous:
-    """The coordinator's TCPStore that weight-sync groups rendezvous on (one per coordinator)."""
+def check_plan_secret(plan: pb.WeightSyncPlan) -> None:
+    if not plan.secret:
+        raise ValueError("the weight-sync plan has no secret: only the coordinator's plans (which carry one) "
+                         "join a group")
 
-    def __init__(self, advertise_host: str, bind_host: str = "0.0.0.0"):
-        self.store = dist.TCPStore(bind_host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=300))
+
+def group_prefix(plan: pb.WeightSyncPlan) -> str:
+    """Where a group's rendezvous keys live in the store: under its id and its secret, so a joiner that
+    knows only the id (logged, sent in SendWeights/ReceiveWeights) never meets the group."""
+    return f"{plan.group_id}/{plan.secret}"
+
+
+class Rendezvous:
+    """The coordinator's TCPStore that weight-sync groups rendezvous on (one per coordinator). It
+    listens on `bind_host` only (the coordinator's --host): torch's TCPStore would listen on every
+    interface, so it is handed a socket bound here."""
+
+    def __init__(self, advertise_host: str, bind_host: str = "localhost"):
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        self._socket = socket.create_server((bind_host, 0), family=family, backlog=256)   # the store listens on it
+        self.store = dist.TCPStore(bind_host, self._socket.getsockname()[1], is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=300), master_listen_fd=self._socket.fileno())
         self.host, self.port = advertise_host, self.store.port
 
     def new_group_id(self) -> str:
         return f"ws-{time.time_ns()}"
+
+    @staticmethod
+    def new_secret() -> str:
+        return secrets.token_hex(16)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import threading
 
 import grpc
@@ -12,9 +14,15 @@ import torch
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.models import resolve_device
+from services.common.paths import add_root_args
 from services.common.rpc import Server, make_channel
+from services.common.security import Transport, add_security_args
 
 log = logging.getLogger(__name__)
+
+# A worker's secret (docs/security.md): random per start unless the operator fixes it here (tests do,
+# to call a worker's steering RPCs directly).
+WORKER_SECRET_ENV = "RLGRID_WORKER_SECRET"
 
 
 def register_forever(coordinator: str, info: cpb.WorkerInfo, *, interval: float = 5.0) -> threading.Event:
@@ -33,7 +41,11 @@ def register_forever(coordinator: str, info: cpb.WorkerInfo, *, interval: float 
                     announced = True
             except grpc.RpcError as exc:
                 announced = False
-                log.debug("coordinator %s not reachable yet: %s", coordinator, exc.code())
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    log.debug("coordinator %s not reachable yet: %s", coordinator, exc.code())
+                else:   # refused: a wrong token, TLS, or the coordinator could not verify our secret
+                    log.warning("coordinator %s refused the registration: %s %s", coordinator, exc.code().name,
+                                exc.details())
             stop.wait(interval)
 
     threading.Thread(target=loop, name="register", daemon=True).start()
@@ -43,10 +55,13 @@ def register_forever(coordinator: str, info: cpb.WorkerInfo, *, interval: float 
 def worker_parser(name: str, port: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=f"rlgrid {name} service")
     parser.add_argument("--port", type=int, default=port)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="localhost",
+                        help="interface to serve on (default loopback; beyond it a token or --insecure-no-auth)")
     parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
     parser.add_argument("--coordinator", help="coordinator host:port to register with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
+    add_root_args(parser, "--model-root")
+    add_security_args(parser)
     return parser
 
 
@@ -59,12 +74,18 @@ def worker_device(device: str | None) -> torch.device:
 
 
 def start_worker(kind: int, registration: tuple, *, host: str, port: int, advertise: str | None,
-                 coordinator: str | None, device: torch.device) -> tuple[Server, str]:
-    """Serves one servicer (with reflection, health, auth) and registers it; returns the server and
-    the address the coordinator reaches it at."""
-    server = Server([registration], host=host, port=port)
+                 coordinator: str | None, device: torch.device, transport: Transport = Transport()
+                 ) -> tuple[Server, str]:
+    """Serves one servicer (with reflection, health, auth, TLS) and registers it; returns the server and
+    the address the coordinator reaches it at. Every RPC of the servicer but GetInfo needs this worker's
+    secret, which only the coordinator it registers with learns."""
+    secret = os.environ.get(WORKER_SECRET_ENV) or secrets.token_urlsafe(32)
+    service = registration[2]
+    server = Server([registration], host=host, port=port, tls=transport.tls,
+                    insecure_no_auth=transport.insecure_no_auth, worker_secret=secret,
+                    open_methods=[f"/{service}/GetInfo"])
     address = advertise or f"localhost:{server.port}"
     log.info("%s service on port %d (device %s)", cpb.WorkerKind.Name(kind).lower(), server.port, device)
     if coordinator:
-        register_forever(coordinator, cpb.WorkerInfo(kind=kind, address=address, device=str(device)))
+        register_forever(coordinator, cpb.WorkerInfo(kind=kind, address=address, device=str(device), secret=secret))
     return server, address

@@ -45,18 +45,21 @@ def decode_sample(msg: pb.Sample) -> GenSample:
 
 
 class Rollout:
-    def __init__(self, address: str, max_message_mb: int):
+    def __init__(self, address: str, max_message_mb: int, secret: str = ""):
         self.address = address
-        self.stub = rollout_pb2_grpc.RolloutServiceStub(make_channel(address, max_message_mb=max_message_mb))
+        channel = make_channel(address, max_message_mb=max_message_mb, worker_secret=secret or None)
+        self.stub = rollout_pb2_grpc.RolloutServiceStub(channel)
 
 
 class RolloutPool:
     """Every registered rollout replica; prompts are spread evenly across them."""
 
-    def __init__(self, addresses: list[str], *, max_message_mb: int, retries: int):
+    def __init__(self, addresses: list[str], *, max_message_mb: int, retries: int,
+                 secrets: dict[str, str] | None = None):
+        """`secrets`: each replica's worker secret (from its registration), sent with every call."""
         if not addresses:
             raise StepError("no rollout service is registered; start one with --coordinator pointing here")
-        self.replicas = [Rollout(a, max_message_mb) for a in addresses]
+        self.replicas = [Rollout(a, max_message_mb, (secrets or {}).get(a, "")) for a in addresses]
         self.retries = retries
         self.discarded = 0   # samples of groups cut short by a failed replica (reported, then regenerated)
 
@@ -129,10 +132,12 @@ class RolloutPool:
 
 
 class TrainerClient:
-    def __init__(self, address: str, max_message_mb: int):
+    def __init__(self, address: str, max_message_mb: int, secret: str = ""):
+        """`secret`: the trainer's worker secret (from its registration), sent with every call."""
         self.address = address
         self.max_bytes = max_message_mb * 1024 * 1024
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(make_channel(address, max_message_mb=max_message_mb))
+        channel = make_channel(address, max_message_mb=max_message_mb, worker_secret=secret or None)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(channel)
 
     def _encode(self, mb: batches.MicroBatch) -> pb.PackedBatch:
         msg = batches.to_proto(mb)

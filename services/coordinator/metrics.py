@@ -22,5 +22,6 @@ def observe(run: Run, step: int, values: dict[str, float]) -> None:
         STEP_METRIC.labels(run.run_id, _name(k)).set(v)
 
 
-def serve(port: int) -> None:
-    start_http_server(port)
+def serve(port: int, host: str = "localhost") -> None:
+    """Serves /metrics on host:port (the coordinator's --host: loopback unless told otherwise)."""
+    start_http_server(port, addr=host)

@@ -2,6 +2,9 @@
 that runs one run at a time on the registered workers.
 
     python -m services.coordinator --port 50050 --state-dir ./output/coordinator
+
+Paths a client names stay inside --config-dir / --output-root / --data-root / --model-root, and the
+server binds loopback unless told otherwise (docs/security.md).
 """
 from __future__ import annotations
 
@@ -16,19 +19,23 @@ import grpc
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
-from services.common.config import RLConfig, config_to_yaml, load_config
+from services.common.config import RLConfig, config_to_yaml
 from services.common.logs import setup_logging
 from services.common.models import load_tokenizer
+from services.common.paths import add_root_args, roots_from_args
 from services.common.rpc import (
     FailedPrecondition,
+    InsecureServer,
     InvalidArgument,
     NotFound,
     Server,
     handle_errors,
 )
+from services.common.security import Transport, add_security_args, transport_from_args
 from services.common.weight_sync import Rendezvous
 from services.coordinator import metrics
 from services.coordinator.clients import RolloutPool, TrainerClient
+from services.coordinator.confine import DEFAULT_CONFIG_DIR, RunRoots, confine_run, read_config
 from services.coordinator.loop import RunContext, run_grpo
 from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
 from services.coordinator.sync import WeightSync
@@ -60,14 +67,17 @@ class Scheduler:
             if run.stop_requested:
                 run.set_state(cpb.STOPPED, "stopped before it started")
                 continue
-            self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts])
+            secrets = {w.address: self.workers.secret(w.address) for w in [trainers[0], *rollouts]}
+            self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts], secrets)
 
-    def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str]) -> None:
+    def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str],
+                 secrets: dict[str, str]) -> None:
         ra = cfg.runtime_args
         try:
             run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
-            trainer = TrainerClient(trainer_addr, ra.grpc_max_message_mb)
-            rollouts = RolloutPool(rollout_addrs, max_message_mb=ra.grpc_max_message_mb, retries=ra.step_retries)
+            trainer = TrainerClient(trainer_addr, ra.grpc_max_message_mb, secret=secrets[trainer_addr])
+            rollouts = RolloutPool(rollout_addrs, max_message_mb=ra.grpc_max_message_mb, retries=ra.step_retries,
+                                   secrets=secrets)
             setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
             trainer.stub.Setup(setup)
             rollouts.call_all("Setup", setup)
@@ -87,8 +97,10 @@ class Scheduler:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, store: RunStore, workers: WorkerRegistry, scheduler: Scheduler):
+    def __init__(self, store: RunStore, workers: WorkerRegistry, scheduler: Scheduler,
+                 roots: RunRoots | None = None):
         self.store, self.workers, self.scheduler = store, workers, scheduler
+        self.roots = roots or RunRoots.defaults()
 
     def _run(self, run_id: str) -> Run:
         run = self.store.get(run_id)
@@ -100,16 +112,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def StartRun(self, request, context):
         if not (request.config_yaml or request.config_path or request.overrides):
             raise InvalidArgument("give config_yaml, config_path or overrides")
-        cfg = load_config(request.config_yaml or None, list(request.overrides), path=request.config_path or None)
+        cfg = read_config(request, self.roots)   # config_path only from --config-dir; the text is data
         p, ra = cfg.models.policy, cfg.runtime_args
         if not p.load:
             raise InvalidArgument("models.policy.load is empty: set it to an HF model directory")
+        confine_run(cfg, self.roots)   # every path inside the roots, before anything is opened
         tokenizer = load_tokenizer(p.load)   # a bad path is the caller's error, reported now
         if not os.path.isfile(ra.data_path):
-            raise InvalidArgument(f"runtime_args.data_path={ra.data_path!r} is not a file on the coordinator's host")
+            raise InvalidArgument("runtime_args.data_path is not a file on the coordinator's host")
         if ra.resume_from and not os.path.isfile(os.path.join(ra.resume_from, "rlgrid_meta.json")):
-            raise InvalidArgument(f"runtime_args.resume_from={ra.resume_from!r} is not a checkpoint directory "
-                                  f"(no rlgrid_meta.json); name a runs/<run_id>/checkpoint-<episode> directory")
+            raise InvalidArgument("runtime_args.resume_from is not a checkpoint directory (no rlgrid_meta.json); "
+                                  "name a runs/<run_id>/checkpoint-<episode> directory")
         run = self.store.create(config_to_yaml(cfg), ra.output_dir, ra.num_episode)
         run.listeners.append(metrics.observe)
         self.scheduler.submit(run, cfg, tokenizer)
@@ -177,31 +190,51 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return cpb.RegisterReply(worker_id=self.workers.register(request))
 
 
-def serve(port: int, *, host: str = "0.0.0.0", state_dir: str = "./output/coordinator",
-          advertise_host: str = "127.0.0.1", metrics_port: int | None = None) -> tuple[Server, CoordinatorServicer]:
+def serve(port: int, *, host: str = "localhost", state_dir: str = "./output/coordinator",
+          advertise_host: str = "127.0.0.1", metrics_port: int | None = None, roots: RunRoots | None = None,
+          transport: Transport = Transport()) -> tuple[Server, CoordinatorServicer]:
+    """The coordinator's gRPC server; its rendezvous store and metrics endpoint listen on `host` too."""
     store, workers = RunStore(state_dir), WorkerRegistry()
-    scheduler = Scheduler(store, workers, Rendezvous(advertise_host))
-    servicer = CoordinatorServicer(store, workers, scheduler)
+    rendezvous = Rendezvous(advertise_host, bind_host=host)
+    scheduler = Scheduler(store, workers, rendezvous)
+    servicer = CoordinatorServicer(store, workers, scheduler, roots)
     server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
-                      cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port)
+                      cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port,
+                    tls=transport.tls, insecure_no_auth=transport.insecure_no_auth)
     if metrics_port is not None:
-        metrics.serve(metrics_port)
-    log.info("coordinator on port %d, state in %s", server.port, os.path.abspath(state_dir))
+        metrics.serve(metrics_port, host)
+    log.info("coordinator on %s:%d, state in %s; weight-sync rendezvous on port %d (advertised as %s)", host,
+             server.port, os.path.abspath(state_dir), rendezvous.port, rendezvous.host)
+    r = servicer.roots
+    log.info("client paths confined to: config dir %s, output roots %s, data roots %s, model roots %s",
+             r.config_dir, ", ".join(r.output.dirs), ", ".join(r.data.dirs), ", ".join(r.model.dirs))
     return server, servicer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="rlgrid coordinator")
     parser.add_argument("--port", type=int, default=50050)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="localhost",
+                        help="interface for gRPC, the weight-sync rendezvous and metrics (default loopback; "
+                             "beyond it RLGRID_AUTH_TOKEN or --insecure-no-auth)")
     parser.add_argument("--state-dir", default="./output/coordinator", help="index of runs (survives restarts)")
     parser.add_argument("--advertise-host", default="127.0.0.1",
                         help="host the services reach this coordinator's weight-sync rendezvous at")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (on --host)")
+    parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR,
+                        help="the only directory StartRun's config_path may name a file in (default ./configs)")
+    add_root_args(parser, "--output-root", "--data-root", "--model-root")
+    add_security_args(parser)
     args = parser.parse_args()
     setup_logging("coordinator")
-    server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
-                      metrics_port=args.metrics_port)
+    transport = transport_from_args(parser, args)
+    roots = RunRoots(args.config_dir, roots_from_args(args, "--output-root"), roots_from_args(args, "--data-root"),
+                     roots_from_args(args, "--model-root"))
+    try:
+        server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
+                          metrics_port=args.metrics_port, roots=roots, transport=transport)
+    except InsecureServer as exc:
+        raise SystemExit(f"coordinator: {exc}") from None
     server.wait()
 
 

@@ -44,6 +44,7 @@ class WeightSync:
             ranks.append(world_size)
             world_size += max(r.sync_ranks, 1)
         common = dict(group_id=self.rendezvous.new_group_id(), transport="broadcast",
+                      secret=self.rendezvous.new_secret(),   # the store prefix: members only (security.md)
                       backend=backend, rendezvous_host=self.rendezvous.host,
                       rendezvous_port=self.rendezvous.port, world_size=world_size, params=wire,
                       bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s)

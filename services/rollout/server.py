@@ -17,12 +17,15 @@ from rlgrid.v1 import rollout_pb2_grpc
 from services.common import weight_sync
 from services.common.config import load_config
 from services.common.logs import setup_logging
+from services.common.paths import Roots, roots_from_args
 from services.common.rpc import (
     FailedPrecondition,
+    InsecureServer,
     InvalidArgument,
     Server,
     handle_errors,
 )
+from services.common.security import Transport, transport_from_args
 from services.common.tensors import from_wire, to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
 from services.rollout.engine import Engine, Sampling
@@ -47,8 +50,11 @@ def sampling_from_proto(s: pb.SamplingParams) -> Sampling:
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, address: str, device: torch.device, engine: Engine | None = None):
+    def __init__(self, address: str, device: torch.device, engine: Engine | None = None, *,
+                 model_roots: Roots | None = None):
+        """`model_roots`: where Setup may load a model from (None: anywhere; `serve` passes --model-root)."""
         self.address = address
+        self.model_roots = model_roots
         self.device = device
         self.engine = engine
         self.run_id = ""
@@ -64,6 +70,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def Setup(self, request, context):
         cfg = load_config(request.config_yaml)
         p = cfg.models.policy
+        if self.model_roots:
+            self.model_roots.confine(p.load, "models.policy.load")
         # everything build_engine reads: a run that changes any of it gets a new engine
         key = (p.engine, p.load, p.dtype, p.max_num_seqs, p.tensor_model_parallel_size, p.gpu_memory_utilization,
                p.enforce_eager, p.max_prompt_tokens_length + p.max_response_tokens_length, cfg.runtime_args.seed)
@@ -116,6 +124,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                                       f"and rollout must load the same architecture (models.policy.load)")
         if len(theirs) != len(mine):
             raise InvalidArgument(f"params: plan has {len(theirs)} parameters, this replica's model {len(mine)}")
+        weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
         engine.join_weight_sync(request)
         log.info("joined weight-sync group %s as rank %d/%d", request.group_id, request.rank, request.world_size)
         return pb.Empty()
@@ -155,16 +164,17 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                                sync_ranks=i.sync_ranks, gpu_uuids=i.gpu_uuids)
 
 
-def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
-          config_path: str | None = None, device: str | None = None) -> tuple[Server, RolloutServicer]:
+def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,
+          config_path: str | None = None, device: str | None = None, model_roots: Roots | None = None,
+          transport: Transport = Transport()) -> tuple[Server, RolloutServicer]:
     dev = worker_device(device)
-    servicer = RolloutServicer("", dev)
-    if config_path:
+    servicer = RolloutServicer("", dev, model_roots=model_roots)
+    if config_path:   # the operator's own file, not a client's: not confined
         servicer.engine = build_engine(load_config(path=config_path), dev)
     server, servicer.address = start_worker(
         cpb.ROLLOUT, (rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer,
                       rpb.DESCRIPTOR.services_by_name["RolloutService"].full_name),
-        host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev)
+        host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev, transport=transport)
     return server, servicer
 
 
@@ -173,8 +183,13 @@ def main() -> None:
     parser.add_argument("--config", help="YAML to set the engine up at start (else the run's Setup does)")
     args = parser.parse_args()
     setup_logging("rollout")
-    server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
-                      config_path=args.config, device=args.device)
+    transport = transport_from_args(parser, args)
+    try:
+        server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
+                          config_path=args.config, device=args.device,
+                          model_roots=roots_from_args(args, "--model-root"), transport=transport)
+    except InsecureServer as exc:
+        raise SystemExit(f"rollout: {exc}") from None
     server.wait()
 
 

@@ -17,17 +17,21 @@ from rlgrid.v1 import trainer_pb2_grpc
 from services.common import batches, weight_sync
 from services.common.config import load_config
 from services.common.logs import setup_logging
+from services.common.paths import Roots, add_root_args, roots_from_args
 from services.common.rpc import (
     FailedPrecondition,
+    InsecureServer,
     InvalidArgument,
     ResourceExhausted,
     Server,
     handle_errors,
 )
+from services.common.security import Transport, transport_from_args
 from services.common.tensors import to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance
+from services.trainer.checkpoint import CheckpointRefused, verified_metadata
 from services.trainer.ranks import TrainerRanks
 
 log = logging.getLogger("trainer")
@@ -36,8 +40,11 @@ log = logging.getLogger("trainer")
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     """Rank 0's gRPC face; every backend call goes through TrainerRanks to all ranks."""
 
-    def __init__(self, ranks: TrainerRanks):
+    def __init__(self, ranks: TrainerRanks, *, output_roots: Roots | None = None, model_roots: Roots | None = None):
+        """`output_roots`: where checkpoint paths may point; `model_roots`: where Setup may load a model
+        from (None: anywhere; `serve` always passes the --output-root / --model-root roots)."""
         self.ranks = ranks
+        self.output_roots, self.model_roots = output_roots, model_roots
         self.device = ranks.device
         self.run_id = ""
         self._lock = threading.Lock()  # one of Train / ComputeLogProbs / SendWeights / Setup at a time
@@ -51,9 +58,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise FailedPrecondition("trainer is not set up; the coordinator calls Setup when a run starts")
         return self.ranks.backend
 
+    def _path(self, path: str) -> str:
+        """A checkpoint path of a request, confined to the trainer's --output-root."""
+        if not path:
+            raise InvalidArgument("path is empty")
+        return self.output_roots.confine(path, "path") if self.output_roots else path
+
     @handle_errors
     def Setup(self, request, context):
         cfg = load_config(request.config_yaml)   # a bad config is refused before any rank acts on it
+        if self.model_roots:
+            self.model_roots.confine(cfg.models.policy_trainer.load, "models.policy_trainer.load")
         with self._lock:
             log.info("setting up %s backend for %s on %d rank(s) (run %s)", cfg.models.policy_trainer.backend,
                      cfg.models.policy_trainer.load, self.ranks.world, request.run_id)
@@ -93,6 +108,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
+        weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
         self._leave_weight_sync()
         self.ranks.transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
         log.info("joined weight-sync group %s as sender, world size %d", request.group_id, request.world_size)
@@ -118,33 +134,39 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @handle_errors
     def SaveCheckpoint(self, request, context):
         self._backend()
-        if not request.path:
-            raise InvalidArgument("path is empty")
+        path = self._path(request.path)
         extra = json.loads(request.extra_json) if request.extra_json else {}
         with self._lock:
             start = time.perf_counter()
-            self.ranks.run("save", request.path, extra)
+            self.ranks.run("save", path, extra)
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start)
 
     @handle_errors
     def ExportHF(self, request, context):
         self._backend()
-        if not request.path:
-            raise InvalidArgument("path is empty")
+        path = self._path(request.path)
         with self._lock:
             start = time.perf_counter()
-            self.ranks.run("export_hf", request.path)
+            self.ranks.run("export_hf", path)
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start, step=self.backend.step)
 
     @handle_errors
     def LoadCheckpoint(self, request, context):
         backend = self._backend()
-        if not os.path.isfile(os.path.join(request.path, "rlgrid_meta.json")):
-            raise InvalidArgument(f"path {request.path!r} is not an rlgrid checkpoint directory (no rlgrid_meta.json)"
-                                  f"; runtime_args.resume_from must name a checkpoint-<episode> directory")
+        path = self._path(request.path)
+        meta_path = os.path.join(path, "rlgrid_meta.json")
+        if not os.path.isfile(meta_path):
+            raise InvalidArgument("path is not an rlgrid checkpoint directory (no rlgrid_meta.json); "
+                                  "runtime_args.resume_from must name a checkpoint-<episode> directory")
+        try:
+            with open(meta_path) as f:
+                verified_metadata(path, json.load(f))   # refused here, before any rank is asked to load
+        except (CheckpointRefused, ValueError) as exc:
+            raise InvalidArgument(f"path: {exc}" if isinstance(exc, CheckpointRefused)
+                                  else "path: rlgrid_meta.json is not valid JSON") from None
         with self._lock:
             start = time.perf_counter()
-            extra = self.ranks.run("load", request.path)
+            extra = self.ranks.run("load", path)
         return tpb.CheckpointReply(path=request.path, seconds=time.perf_counter() - start, step=backend.step,
                                    extra_json=json.dumps(extra))
 
@@ -163,27 +185,36 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                                run_id=self.run_id, gpu_uuids=weight_sync.gpu_uuids(b.device))
 
 
-def serve(port: int, *, host: str = "0.0.0.0", advertise: str | None = None, coordinator: str | None = None,
-          device: str | None = None) -> tuple[Server, TrainerServicer]:
+def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,
+          device: str | None = None, output_roots: Roots | None = None, model_roots: Roots | None = None,
+          transport: Transport = Transport()) -> tuple[Server, TrainerServicer]:
     """Rank 0 only; the other ranks of a torchrun launch call TrainerRanks.follow() instead."""
     dev = worker_device(device)
-    servicer = TrainerServicer(TrainerRanks(dev))
+    servicer = TrainerServicer(TrainerRanks(dev), output_roots=output_roots, model_roots=model_roots)
     server, _ = start_worker(cpb.TRAINER, (trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                                            tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name),
-                             host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev)
+                             host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev,
+                             transport=transport)
     return server, servicer
 
 
 def main() -> None:
     """`python -m services.trainer ...` is one rank; `torchrun --nproc-per-node N -m services.trainer ...`
     is N ranks (one per GPU) behind rank 0's gRPC server."""
-    args = worker_parser("trainer", 50051).parse_args()
+    parser = worker_parser("trainer", 50051)
+    add_root_args(parser, "--output-root")
+    args = parser.parse_args()
     setup_logging("trainer")
     if int(os.environ.get("RANK", "0")) > 0:
         TrainerRanks(worker_device(args.device)).follow()
         return
-    server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
-                      device=args.device)
+    transport = transport_from_args(parser, args)
+    try:
+        server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
+                          device=args.device, output_roots=roots_from_args(args, "--output-root"),
+                          model_roots=roots_from_args(args, "--model-root"), transport=transport)
+    except InsecureServer as exc:
+        raise SystemExit(f"trainer: {exc}") from None
     server.wait()
 
 

@@ -9,7 +9,6 @@ import grpc
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc, trainer_pb2_grpc
-from services.common.rpc import make_channel
 from services.coordinator.local import ROOT, LocalCluster, Proc
 
 __all__ = ["ROOT", "Services", "start_services", "expect_rpc_error"]
@@ -24,13 +23,14 @@ class Services:
     rollouts: list[Proc]
 
     def coord(self):
-        return coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(self.coordinator.address))
+        return coordinator_pb2_grpc.CoordinatorServiceStub(self.cluster.channel(self.coordinator))
 
-    def trainer_stub(self):
-        return trainer_pb2_grpc.TrainerServiceStub(make_channel(self.trainer.address))
+    def trainer_stub(self, **kwargs):
+        """The trainer, steered with its worker secret (as the coordinator does) unless kwargs say otherwise."""
+        return trainer_pb2_grpc.TrainerServiceStub(self.cluster.channel(self.trainer, **kwargs))
 
-    def rollout_stub(self, i: int):
-        return rollout_pb2_grpc.RolloutServiceStub(make_channel(self.rollouts[i].address))
+    def rollout_stub(self, i: int, **kwargs):
+        return rollout_pb2_grpc.RolloutServiceStub(self.cluster.channel(self.rollouts[i], **kwargs))
 
     def wait_workers(self, timeout: float = 60.0) -> None:
         want = {self.trainer.address, *(r.address for r in self.rollouts)}
@@ -47,8 +47,12 @@ class Services:
         return self.coord().GetRun(cpb.RunRef(run_id=run_id)), events
 
 
-def start_services(log_dir: str, state_dir: str, replicas: int = 2) -> Services:
-    cluster = LocalCluster(log_dir)
+TEST_WORKER_SECRET = "integration-test-worker-secret"
+
+
+def start_services(log_dir: str, state_dir: str, replicas: int = 2, roots: list[str] = ()) -> Services:
+    """`roots`: where client-named paths may point (besides nothing: the services' defaults are replaced)."""
+    cluster = LocalCluster(log_dir, roots=list(roots), worker_secret=TEST_WORKER_SECRET)
     services = Services(cluster, *cluster.deploy(state_dir, replicas))
     services.wait_workers()
     return services

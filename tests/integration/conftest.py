@@ -34,6 +34,8 @@ def demo_yaml():
 def services(tmp_path_factory):
     """Coordinator + trainer + 2 rollout replicas as processes, shared by the integration tests."""
     d = tmp_path_factory.mktemp("cluster")
-    svc = start_services(str(d / "logs"), str(d / "state"), replicas=2)
+    # client paths may point into the repository's output/ (the README's demo) and the tests' temp dirs
+    roots = [os.path.join(ROOT, "output"), str(tmp_path_factory.getbasetemp())]
+    svc = start_services(str(d / "logs"), str(d / "state"), replicas=2, roots=roots)
     yield svc
     svc.cluster.stop_all()

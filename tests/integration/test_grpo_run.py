@@ -100,8 +100,7 @@ def test_restarted_coordinator_lists_runs(services, tmp_path):
     try:
         services.cluster.wait_healthy(other)
         from rlgrid.v1 import coordinator_pb2_grpc
-        from services.common.rpc import make_channel
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(other.address))
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(services.cluster.channel(other))
         after = {r.run_id: r for r in stub.ListRuns(pb.Empty()).runs}
         assert set(before) <= set(after)
         for run_id, run in before.items():

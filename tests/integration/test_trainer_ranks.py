@@ -12,11 +12,11 @@ from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches
 from services.common.batches import TrainSequence
 from services.common.config import config_to_yaml, load_config
-from services.common.rpc import make_channel
 from services.common.tensors import from_wire
 from services.common.tiny_model import build_tiny_model
 from services.coordinator.local import LocalCluster
 from tests.conftest import TINY_WORDS
+from tests.integration.cluster import TEST_WORKER_SECRET
 from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -25,11 +25,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
     d = tmp_path_factory.mktemp("ranks")
-    cluster = LocalCluster(str(d / "logs"))
+    cluster = LocalCluster(str(d / "logs"), roots=[str(tmp_path_factory.getbasetemp())],
+                           worker_secret=TEST_WORKER_SECRET)
     coord, trainer2, _ = cluster.deploy(str(d / "state"), trainer_nproc=2)
     trainer1 = cluster.start("trainer-1rank", "services.trainer", "--device", "cpu")   # not registered
     cluster.wait_healthy(trainer1)
-    yield {"coord": coord, "trainer2": trainer2, "trainer1": trainer1, "dir": d}
+    yield {"coord": coord, "trainer2": trainer2, "trainer1": trainer1, "dir": d, "cluster": cluster}
     cluster.stop_all()
 
 
@@ -51,7 +52,7 @@ def test_two_ranks_train_like_one(two_rank, toy):
     cfg = load_config(overrides=[f"models.policy.load={toy['model']}", "models.policy_trainer.optimizer.lr=0.01",
                                  "models.policy_trainer.optimizer.weight_decay=0.0"])
     setup = pb.SetupRequest(run_id="equivalence", config_yaml=config_to_yaml(cfg))
-    stubs = [trainer_pb2_grpc.TrainerServiceStub(make_channel(two_rank[k].address)) for k in ("trainer1", "trainer2")]
+    stubs = [trainer_pb2_grpc.TrainerServiceStub(two_rank["cluster"].channel(two_rank[k])) for k in ("trainer1", "trainer2")]
     infos = [s.Setup(setup) for s in stubs]
     assert [i.world_size for i in infos] == [1, 2]
     probe = batches.to_proto(_step(99)[0])
@@ -89,7 +90,7 @@ def test_meta_init_and_groupgemm_on_two_ranks(two_rank, tmp_path):
     moe = build_tiny_model(str(tmp_path / "moe"), TINY_WORDS, arch="qwen3_moe", seed=3)
     base = [f"models.policy.load={moe}", "models.policy_trainer.optimizer.lr=0.01", "models.policy_trainer.kl_coef=0.1",
             "models.policy_trainer.optimizer.weight_decay=0.0"]
-    stubs = [trainer_pb2_grpc.TrainerServiceStub(make_channel(two_rank[k].address)) for k in ("trainer1", "trainer2")]
+    stubs = [trainer_pb2_grpc.TrainerServiceStub(two_rank["cluster"].channel(two_rank[k])) for k in ("trainer1", "trainer2")]
     stubs[0].Setup(pb.SetupRequest(run_id="full-load", config_yaml=config_to_yaml(load_config(overrides=base))))
     meta = load_config(overrides=base + ["models.policy_trainer.meta_init=True", "models.policy_trainer.groupgemm=True"])
     stubs[1].Setup(pb.SetupRequest(run_id="meta-init", config_yaml=config_to_yaml(meta)))
@@ -104,7 +105,7 @@ def test_meta_init_and_groupgemm_on_two_ranks(two_rank, tmp_path):
 
 
 def test_grpo_run_on_a_two_rank_trainer(two_rank, toy, demo_yaml):
-    coord = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(two_rank["coord"].address))
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(two_rank["cluster"].channel(two_rank["coord"]))
     overrides = demo_overrides(toy, str(two_rank["dir"] / "out"), **{"runtime_args.num_episode": 3,
                                                                       "runtime_args.sample_per_episode": 32,
                                                                       "runtime_args.train_global_batch_size": 16})

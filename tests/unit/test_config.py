@@ -227,3 +227,66 @@ def test_vllm_refuses_filtered_sampling_naming_the_keys(override: str) -> None:
     msg = error_of(overrides=("models.policy.engine=vllm", override))
     assert "models.policy.top_p" in msg and "models.policy.top_k" in msg and "engine=vllm" in msg
     load_config(overrides=[override])   # the built-in engine reports unfiltered logprobs: fine there
+
+
+# ---- client-sent text is data: nothing resolved, nothing echoed ------------------------------------
+
+SECRET = "s3cret-value-0x5eed"
+
+
+@pytest.mark.parametrize("text,key", [
+    ("runtime_args:\n  exp_name: ${oc.env:HOME}\n", "'runtime_args.exp_name' (line 2, column 13"),
+    ("models:\n  policy:\n    load: /m/${oc.env:RLGRID_TEST_SECRET}\n", "'models.policy.load' (line 3, column 11"),
+    ("models:\n  policy:\n    stop_token_ids: [1, '${x}']\n", "'models.policy.stop_token_ids[1]'"),
+    ("runtime_args:\n  exp_name: '\\${escaped}'\n", "'runtime_args.exp_name'"),
+    ("runtime_args:\n  ${oc.env:HOME}: 1\n", "(a key that is not a config key name) (line 2, column 3"),
+])
+def test_interpolation_in_yaml_is_refused_naming_the_key(text, key, monkeypatch):
+    monkeypatch.setenv("RLGRID_TEST_SECRET", SECRET)
+    msg = error_of(text)
+    assert key in msg and "interpolation" in msg
+    import os
+    assert os.environ["HOME"] not in msg.replace("line", "") and SECRET not in msg
+
+
+@pytest.mark.parametrize("override", ["runtime_args.exp_name=${oc.env:HOME}",
+                                      "runtime_args.data_path=${oc.env:RLGRID_TEST_SECRET}",
+                                      "runtime_args.exp_name=\\${oc.env:HOME}"])
+def test_interpolation_in_overrides_is_refused(override, monkeypatch):
+    monkeypatch.setenv("RLGRID_TEST_SECRET", SECRET)
+    msg = error_of(overrides=("runtime_args.seed=3", override))
+    assert "overrides[1]" in msg and "interpolation" in msg and SECRET not in msg
+
+
+def test_anchors_and_aliases_are_refused():
+    msg = error_of("base: &b {seed: 1}\nruntime_args: *b\n")
+    assert "aliases" in msg and "line 1" in msg   # where the anchored value starts
+
+
+def test_no_error_repeats_the_text():
+    """A file sent by mistake (or on purpose) never comes back in the message: keys that are not key
+    names, values of the wrong type, a YAML syntax error's line are all left out."""
+    passwd = f"root:x:0:0:{SECRET}:/root:/bin/bash\ndaemon:x:1:1:{SECRET}:/usr/sbin:/usr/sbin/nologin\n"
+    cases = {
+        passwd: "(a key that is not a config key name)",
+        f"{SECRET} {SECRET}: x\n": "(a key that is not a config key name)",
+        f"runtime_args:\n  seed: {SECRET}\n": "invalid value for 'runtime_args.seed' (line 2, column 3 of config text)",
+        f"runtime_args:\n  seed: [{SECRET}\n": "invalid YAML in config text at line 3, column 1",
+        f"runtime_args: \"{SECRET}\n": "invalid YAML in config text at line 2",
+        f"runtime_args:\n  seed: '\\{SECRET}'\n": "invalid value for 'runtime_args.seed'",
+        f"!!python/object:os.system {{{SECRET}: 1}}\n": "invalid YAML in config text at line 1, column 1",
+        f"models:\n  policy:\n    engine: {SECRET}\n": "models.policy.engine is invalid; must be one of",
+    }
+    for text, expected in cases.items():
+        msg = error_of(text)
+        assert expected in msg and SECRET not in msg, (text, msg)
+    for override in (f"runtime_args.seed={SECRET}", f"runtime_args.seed=[{SECRET}", f"runtime_args.{SECRET} x=1"):
+        msg = error_of(overrides=(override,))
+        assert SECRET not in msg and "overrides[0]" in msg, msg
+
+
+def test_errors_locate_the_key_in_the_yaml():
+    msg = error_of("runtime_args:\n  seed: 1\n  num_episod: 3\n")
+    assert "unknown config key 'runtime_args.num_episod'" in msg and "line 3, column 3 of config text" in msg
+    with pytest.raises(ConfigError, match="line 2, column 3 of config_path"):
+        load_config("runtime_args:\n  seed: x\n", source="config_path")

@@ -364,7 +364,9 @@ def test_compose_wiring(compose, dockerfile):
     assert coord.advertise_host == "coordinator", "the weight-sync rendezvous must be reachable by service name"
     assert coord.state_dir.startswith("/output/")
     published = [str(p) for p in svcs["coordinator"].get("ports", [])]
-    assert f"{coord.port}:{coord.port}" in published and f"{coord.metrics_port}:{coord.metrics_port}" in published
+    assert f"{coord.port}:{coord.port}" in published
+    # Prometheus has no auth: published on the host's loopback only
+    assert f"127.0.0.1:{coord.metrics_port}:{coord.metrics_port}" in published
     launch = load_launch()
     for name in GPU_SERVICES:
         entrypoint, args = service_argv(compose, dockerfile, name)
@@ -389,7 +391,26 @@ def test_compose_volumes_and_auth_token(compose):
         svc = compose["services"][name]
         mounts = {volume_target(v) for v in svc["volumes"]}
         assert {"/models", "/data", "/output"} <= mounts, f"{name} lacks a shared mount: {mounts}"
-        assert svc["environment"][AUTH_ENV] == "${%s:-}" % AUTH_ENV
+        # compose refuses to start without a token (`${VAR:?message}` fails on unset or empty)
+        assert re.fullmatch(r"\$\{%s:\?[^}]+\}" % AUTH_ENV, svc["environment"][AUTH_ENV]), svc["environment"]
+
+
+def test_services_listen_beyond_loopback_with_paths_confined_to_the_mounts(compose, dockerfile, monkeypatch):
+    """Containers serve on all their interfaces (so they need the token) and every client path is
+    confined to a mount: outputs to /output, prompts to /data, models to /models or /output."""
+    launch = load_launch()
+    want = {"output_root": ["/output"], "data_root": ["/data"], "model_root": ["/models", "/output"]}
+    for name in SERVICES:
+        for args in (service_argv(compose, dockerfile, name)[1], exec_form(effective(dockerfile, name, "CMD").args)):
+            if name != "coordinator":
+                monkeypatch.setenv(launch.HOST_ENV, "10.0.0.7")
+                args = launch.with_advertise(f"services.{name}", args)
+            ns = parse_service_args(f"services.{name}", args)
+            assert ns.host == "0.0.0.0" and not ns.insecure_no_auth, f"{name}: {args}"
+            for key, dirs in want.items():
+                if hasattr(ns, key):
+                    assert getattr(ns, key) == dirs, f"{name}: --{key.replace('_', '-')} {getattr(ns, key)}"
+            assert hasattr(ns, "model_root") and (name == "rollout" or hasattr(ns, "output_root"))
 
 
 # ---------------------------------------------------------------- the launcher

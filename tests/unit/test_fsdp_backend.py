@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from services.common.batches import TrainSequence, make_micro_batch
 from services.common.config import load_config
 from services.trainer.backends.fsdp import FSDPBackend, OutOfMemoryGuidance
+from services.trainer.checkpoint import metadata_digest
 from tests.conftest import TINY_VOCAB_SIZE
 
 CPU = torch.device("cpu")
@@ -234,4 +235,6 @@ def test_save_checkpoint(backend, tmp_path):
     assert (path / ".metadata").is_file()
     assert any(name.endswith(".distcp") for name in os.listdir(path))
     meta = json.loads((path / "rlgrid_meta.json").read_text())
+    digest = meta.pop("metadata_hmac_sha256")
     assert meta == {"step": backend.step, "episode": 3, "run": "unit"}
+    assert len(digest) == 64 and digest == metadata_digest(str(path))

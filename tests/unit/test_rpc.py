@@ -51,7 +51,7 @@ class ErrorServicer(RolloutServicer):
 def _server(**kwargs) -> Server:
     servicer = ErrorServicer("test", torch.device("cpu"))
     return Server([(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, ROLLOUT)],
-                  host="127.0.0.1", port=0, **kwargs)
+                  **{"host": "127.0.0.1", "port": 0, **kwargs})
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +184,133 @@ def test_client_side_limit_rejects_before_sending(open_server):
             rollout_pb2_grpc.RolloutServiceStub(channel).Setup(
                 pb.SetupRequest(run_id="ok", config_yaml="x" * (2 * 1024 * 1024)), timeout=TIMEOUT)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---- exposure, TLS and the worker secret (docs/security.md) ----------------------------------------
+
+def test_a_server_beyond_loopback_needs_a_token_or_an_explicit_opt_out(caplog):
+    from services.common.rpc import InsecureServer, is_loopback
+    assert is_loopback("localhost") and is_loopback("127.0.0.1") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("")
+    with pytest.raises(InsecureServer, match=f"{AUTH_ENV}.*--insecure-no-auth"):
+        _server(host="0.0.0.0", auth_token="")
+    with caplog.at_level("WARNING"):
+        server = _server(host="0.0.0.0", auth_token="", insecure_no_auth=True)
+    server.stop(0)
+    assert "NO authentication" in caplog.text
+    _server(host="0.0.0.0", auth_token=TOKEN).stop(0)   # a token is enough
+    _server(host="localhost", auth_token="").stop(0)     # loopback needs nothing
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    from tests.certs import make_ca, make_leaf
+    d = str(tmp_path_factory.mktemp("certs"))
+    ca, ca_cert, ca_key = make_ca(d)
+    other_ca, other_cert, other_key = make_ca(d, "other-ca")
+    server = make_leaf(d, "server", ca_cert, ca_key)
+    client = make_leaf(d, "client", ca_cert, ca_key)
+    stranger = make_leaf(d, "stranger", other_cert, other_key)   # signed by a CA the server does not trust
+    return {"ca": ca, "other_ca": other_ca, "server": server, "client": client, "stranger": stranger}
+
+
+def _get_info(address: str, **kwargs):
+    with make_channel(address, auth_token="", **kwargs) as channel:
+        return rollout_pb2_grpc.RolloutServiceStub(channel).GetInfo(pb.Empty(), timeout=TIMEOUT)
+
+
+def test_tls_server_answers_tls_clients_only(certs):
+    from services.common.rpc import ClientTLS, ServerTLS, wait_healthy
+    server = _server(auth_token="", tls=ServerTLS(*certs["server"]))
+    address = f"localhost:{server.port}"
+    try:
+        assert _get_info(address, tls=ClientTLS(certs["ca"])).device == "cpu"
+        wait_healthy(address, timeout=TIMEOUT, tls=ClientTLS(certs["ca"]))
+        with pytest.raises(grpc.RpcError) as info:   # plaintext
+            _get_info(address)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as info:   # a client that trusts another CA
+            _get_info(address, tls=ClientTLS(certs["other_ca"]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(certs):
+    from services.common.rpc import ClientTLS, ServerTLS
+    server = _server(auth_token="", tls=ServerTLS(*certs["server"], client_ca=certs["ca"]))
+    address = f"localhost:{server.port}"
+    try:
+        assert _get_info(address, tls=ClientTLS(certs["ca"], *certs["client"])).device == "cpu"
+        for tls in (ClientTLS(certs["ca"]), ClientTLS(certs["ca"], *certs["stranger"])):
+            with pytest.raises(grpc.RpcError) as info:
+                _get_info(address, tls=tls)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_tls_server_name_for_certificates_that_do_not_list_the_address(tmp_path):
+    """Services reached by container IPs carry a certificate for a fixed name: --tls-server-name."""
+    from services.common.rpc import ClientTLS, ServerTLS
+    from tests.certs import make_ca, make_leaf
+    ca, ca_cert, ca_key = make_ca(str(tmp_path))
+    server = _server(auth_token="", tls=ServerTLS(*make_leaf(str(tmp_path), "named", ca_cert, ca_key,
+                                                             dns=("rlgrid-service",), ips=())))
+    try:
+        assert _get_info(f"localhost:{server.port}", tls=ClientTLS(ca, server_name="rlgrid-service")).device == "cpu"
+        with pytest.raises(grpc.RpcError) as info:
+            _get_info(f"localhost:{server.port}", tls=ClientTLS(ca))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_worker_secret_guards_every_method_but_get_info():
+    server = _server(auth_token=TOKEN, worker_secret="w0rker", open_methods=[f"/{ROLLOUT}/GetInfo"])
+    address = _address(server)
+    try:
+        def call(method, request, **kwargs):
+            with make_channel(address, **{"auth_token": TOKEN, **kwargs}) as channel:
+                return getattr(rollout_pb2_grpc.RolloutServiceStub(channel), method)(request, timeout=TIMEOUT)
+        assert call("GetInfo", pb.Empty()).device == "cpu"                     # open without the secret
+        assert call("Setup", pb.SetupRequest(run_id="ok"), worker_secret="w0rker").run_id == "ok"
+        for method, request in (("Setup", pb.SetupRequest(run_id="ok")), ("PrepareWeightSync", pb.WeightSyncPlan()),
+                                ("CommitWeights", pb.WeightSyncRequest())):
+            for secret in (None, "w0rke", "w0rker-and-more"):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(method, request, worker_secret=secret)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "w0rker" not in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:   # a wrong secret is refused even where none is needed
+            call("GetInfo", pb.Empty(), worker_secret="guess")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:   # the token is checked first
+            call("Setup", pb.SetupRequest(run_id="ok"), worker_secret="w0rker", auth_token="nope")
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0)
+
+
+def test_security_flags_go_together(monkeypatch, capsys):
+    import argparse
+
+    from services.common import rpc
+    from services.common.security import add_security_args, transport_from_args
+    monkeypatch.setattr(rpc, "_client_tls", None)
+    parser = argparse.ArgumentParser()
+    add_security_args(parser)
+
+    def parse(*argv):
+        return transport_from_args(parser, parser.parse_args(list(argv)))
+    for argv, error in ((["--tls-cert", "c"], "--tls-cert and --tls-key go together"),
+                        (["--tls-client-ca", "ca"], "--tls-client-ca (mutual TLS) needs --tls-cert"),
+                        (["--tls-client-cert", "c", "--tls-client-key", "k"], "need --tls-ca"),
+                        (["--tls-server-name", "n"], "need --tls-ca")):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+        assert error in capsys.readouterr().err
+    transport = parse("--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca", "--tls-ca", "ca",
+                      "--insecure-no-auth")
+    assert transport.tls == rpc.ServerTLS("c", "k", "ca") and transport.insecure_no_auth
+    assert rpc._client_tls == rpc.ClientTLS("ca")   # every channel this process opens now uses TLS

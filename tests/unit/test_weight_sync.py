@@ -144,7 +144,7 @@ def _bytes(t: torch.Tensor) -> bytes:
 def _plan(rdzv_host: str, rdzv_port: int, group_id: str, rank: int) -> pb.WeightSyncPlan:
     return pb.WeightSyncPlan(group_id=group_id, transport="broadcast", backend="gloo", rendezvous_host=rdzv_host,
                              rendezvous_port=rdzv_port, world_size=3, rank=rank, params=specs_to_wire(PARAMS),
-                             bucket_bytes=BUCKET_BYTES, timeout_s=60)
+                             bucket_bytes=BUCKET_BYTES, timeout_s=60, secret="unit-test-secret")
 
 
 def _member(plan_bytes: bytes, results) -> None:
@@ -235,7 +235,8 @@ def test_sender_with_too_few_tensors_raises_value_error():
     rdzv = Rendezvous("127.0.0.1", bind_host="127.0.0.1")
     plan = pb.WeightSyncPlan(group_id=rdzv.new_group_id(), transport="broadcast", backend="gloo",
                              rendezvous_host=rdzv.host, rendezvous_port=rdzv.port, world_size=1, rank=0,
-                             params=specs_to_wire(PARAMS), bucket_bytes=BUCKET_BYTES, timeout_s=30)
+                             params=specs_to_wire(PARAMS), bucket_bytes=BUCKET_BYTES, timeout_s=30,
+                             secret=rdzv.new_secret())
     transport = connect(plan, torch.device("cpu"))  # a group of one: the sender alone
     try:
         tensors = _expected_tensors()
@@ -273,3 +274,24 @@ def test_colocated_members_sync_over_gloo_and_separate_gpus_over_nccl():
 def test_gpu_uuids_are_empty_on_cpu():
     from services.common.weight_sync import gpu_uuids
     assert gpu_uuids(torch.device("cpu")) == []
+
+
+def test_rendezvous_listens_on_its_bind_host_only():
+    """torch's TCPStore would listen on every interface; the coordinator's listens on --host."""
+    rdzv = Rendezvous("127.0.0.1", bind_host="127.0.0.1")
+    port = f"{rdzv.port:04X}"
+    with open("/proc/net/tcp") as f:
+        v4 = [line.split()[1] for line in f.readlines()[1:] if line.split()[3] == "0A"]
+    with open("/proc/net/tcp6") as f:
+        v6 = [line.split()[1] for line in f.readlines()[1:] if line.split()[3] == "0A"]
+    assert f"0100007F:{port}" in v4 and not any(a.endswith(f":{port}") for a in v6), (v4, v6)
+    assert rdzv.new_secret() != rdzv.new_secret() and len(rdzv.new_secret()) == 32
+
+
+def test_a_plan_without_a_secret_is_refused():
+    rdzv = Rendezvous("127.0.0.1", bind_host="127.0.0.1")
+    plan = pb.WeightSyncPlan(group_id=rdzv.new_group_id(), transport="broadcast", backend="gloo",
+                             rendezvous_host=rdzv.host, rendezvous_port=rdzv.port, world_size=1, rank=0,
+                             params=specs_to_wire(PARAMS), bucket_bytes=BUCKET_BYTES, timeout_s=30)
+    with pytest.raises(ValueError, match="no secret"):
+        connect(plan, torch.device("cpu"))

@@ -66,7 +66,7 @@ def _sender(port: int, params: list, model_dir: str, new_dir: str, stop_after_bu
     from services.common import weight_sync
     plan = pb.WeightSyncPlan(group_id="g", transport="broadcast", backend="gloo", rendezvous_host="127.0.0.1",
                              rendezvous_port=port, world_size=2, rank=0, params=params, bucket_bytes=256 * 1024,
-                             timeout_s=30)
+                             timeout_s=30, secret="vllm-test-sync-secret")
     transport = weight_sync.connect(plan, torch.device("cpu"))
     model = load_causal_lm(model_dir, dtype=torch.float32)
     torch.manual_seed(1)
@@ -91,7 +91,7 @@ def _sync_from_sender(engine, tiny_dir, new_dir, version, stop_after_buckets=Non
         engine.join_weight_sync(pb.WeightSyncPlan(
             group_id="g", transport="broadcast", backend="gloo", rendezvous_host="127.0.0.1",
             rendezvous_port=rendezvous.port, world_size=2, rank=1, params=params, bucket_bytes=256 * 1024,
-            timeout_s=30))
+            timeout_s=30, secret="vllm-test-sync-secret"))
         return engine.receive_weights(version)
     finally:
         proc.join(60)

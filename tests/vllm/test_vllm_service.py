@@ -11,12 +11,11 @@ from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc
 from rlgrid.v1 import rollout_pb2 as rpb
 from services.common.config import config_to_yaml, load_config
-from services.common.rpc import make_channel
 from services.common.tensors import ids_to_wire
 from services.common.tiny_model import build_tiny_model
 from services.coordinator.data import make_toy_dataset, toy_vocabulary
 from services.coordinator.local import ROOT, LocalCluster
-from tests.integration.cluster import expect_rpc_error
+from tests.integration.cluster import TEST_WORKER_SECRET, expect_rpc_error
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm-e2e")
-    cluster = LocalCluster(str(d / "logs"))
+    cluster = LocalCluster(str(d / "logs"), roots=[str(d)], worker_secret=TEST_WORKER_SECRET)
     coord, _, (rollout,) = cluster.deploy(str(d / "state"), rollout_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     model = build_tiny_model(str(d / "model"), toy_vocabulary(), hidden=128, heads=2, kv_heads=1, head_dim=64,
                              intermediate=256, seed=0)   # vLLM loads weights, so the directory has them
@@ -40,7 +39,7 @@ def deployment(tmp_path_factory):
 
 
 def test_grpo_steps_with_vllm_engine(deployment):
-    coord = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(deployment["coord"].address))
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(deployment["cluster"].channel(deployment["coord"]))
     run = coord.StartRun(cpb.StartRunRequest(config_yaml=deployment["yaml"], overrides=deployment["overrides"]))
     events = list(coord.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=600))
     info = coord.GetRun(cpb.RunRef(run_id=run.run_id))
@@ -48,13 +47,13 @@ def test_grpo_steps_with_vllm_engine(deployment):
     steps = [e.metrics for e in events if e.metrics]
     assert [m["rollout/policy_version"] for m in steps] == [0, 2], "samples carry the synced version"
     assert all(m["agreement/max_abs_diff"] < 1e-3 for m in steps), [m["agreement/max_abs_diff"] for m in steps]
-    rollout = rollout_pb2_grpc.RolloutServiceStub(make_channel(deployment["rollout"].address))
+    rollout = rollout_pb2_grpc.RolloutServiceStub(deployment["cluster"].channel(deployment["rollout"]))
     rinfo = rollout.GetInfo(pb.Empty())
     assert rinfo.engine == "vllm" and rinfo.policy_version == 4
 
 
 def test_bad_input_to_the_vllm_service(deployment):
-    rollout = rollout_pb2_grpc.RolloutServiceStub(make_channel(deployment["rollout"].address))
+    rollout = rollout_pb2_grpc.RolloutServiceStub(deployment["cluster"].channel(deployment["rollout"]))
     before = rollout.GetInfo(pb.Empty())
     assert before.engine == "vllm"
     prompt = rpb.Prompt(group_id="g-0", prompt_ids=ids_to_wire([3, 4]))
@@ -80,7 +79,7 @@ def test_bad_input_to_the_vllm_service(deployment):
     assert len(samples) == 2 and all(s.policy_version == before.policy_version for s in samples)
     assert rollout.GetInfo(pb.Empty()).model == before.model
     # the coordinator refuses the same unsupported sampling before anything runs
-    coord = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(deployment["coord"].address))
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(deployment["cluster"].channel(deployment["coord"]))
     expect_rpc_error(lambda: coord.StartRun(cpb.StartRunRequest(
         config_yaml=deployment["yaml"], overrides=deployment["overrides"] + ["models.policy.top_p=0.9"])),
         grpc.StatusCode.INVALID_ARGUMENT, "models.policy.top_p", "engine=vllm")

@@ -122,7 +122,7 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightSyncPlan(_message.Message):
-    __slots__ = ("group_id", "transport", "backend", "rendezvous_host", "rendezvous_port", "world_size", "rank", "params", "bucket_bytes", "timeout_s")
+    __slots__ = ("group_id", "transport", "backend", "rendezvous_host", "rendezvous_port", "world_size", "rank", "params", "bucket_bytes", "timeout_s", "secret")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class WeightSyncPlan(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     transport: str
     backend: str
@@ -143,7 +144,8 @@ class WeightSyncPlan(_message.Message):
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     bucket_bytes: int
     timeout_s: int
-    def __init__(self, group_id: _Optional[str] = ..., transport: _Optional[str] = ..., backend: _Optional[str] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, group_id: _Optional[str] = ..., transport: _Optional[str] = ..., backend: _Optional[str] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class WeightSyncRequest(_message.Message):
     __slots__ = ("group_id", "version")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlgrid.v1 import common_pb2 as rlgrid_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlgrid/v1/coordinator.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"N\n\x0fStartRunRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x13\n\x0b\x63onfig_path\x18\x03 \x01(\t\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x9b\x02\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.rlgrid.v1.RunState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x39\n\x0clast_metrics\x18\x07 \x03(\x0b\x32#.rlgrid.v1.RunInfo.LastMetricsEntry\x12\x13\n\x0b\x63onfig_yaml\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x07RunList\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.rlgrid.v1.RunInfo\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xce\x01\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.rlgrid.v1.RunState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x31\n\x07metrics\x18\x04 \x03(\x0b\x32 .rlgrid.v1.RunEvent.MetricsEntry\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"q\n\nWorkerInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.rlgrid.v1.WorkerKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\"\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\"4\n\nWorkerList\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.rlgrid.v1.WorkerInfo*r\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\n\n\x06PAUSED\x10\x03\x12\x0b\n\x07STOPPED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0c\n\x08\x46INISHED\x10\x06*C\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07ROLLOUT\x10\x01\x12\x0b\n\x07TRAINER\x10\x02\x32\x86\x04\n\x12\x43oordinatorService\x12:\n\x08StartRun\x12\x1a.rlgrid.v1.StartRunRequest\x1a\x12.rlgrid.v1.RunInfo\x12/\n\x06GetRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x30\n\x08ListRuns\x12\x10.rlgrid.v1.Empty\x1a\x12.rlgrid.v1.RunList\x12=\n\x08WatchRun\x12\x1a.rlgrid.v1.WatchRunRequest\x1a\x13.rlgrid.v1.RunEvent0\x01\x12\x31\n\x08PauseRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x32\n\tResumeRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x30\n\x07StopRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x36\n\x0bListWorkers\x12\x10.rlgrid.v1.Empty\x1a\x15.rlgrid.v1.WorkerList\x12\x41\n\x0eRegisterWorker\x12\x15.rlgrid.v1.WorkerInfo\x1a\x18.rlgrid.v1.RegisterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlgrid/v1/coordinator.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"N\n\x0fStartRunRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x13\n\x0b\x63onfig_path\x18\x03 \x01(\t\"\x18\n\x06RunRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x9b\x02\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.rlgrid.v1.RunState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x39\n\x0clast_metrics\x18\x07 \x03(\x0b\x32#.rlgrid.v1.RunInfo.LastMetricsEntry\x12\x13\n\x0b\x63onfig_yaml\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x07RunList\x12 \n\x04runs\x18\x01 \x03(\x0b\x32\x12.rlgrid.v1.RunInfo\"4\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xce\x01\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.rlgrid.v1.RunState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x31\n\x07metrics\x18\x04 \x03(\x0b\x32 .rlgrid.v1.RunEvent.MetricsEntry\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0c\n\x04time\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x81\x01\n\nWorkerInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.rlgrid.v1.WorkerKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06secret\x18\x06 \x01(\t\"\"\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\"4\n\nWorkerList\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.rlgrid.v1.WorkerInfo*r\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\n\n\x06PAUSED\x10\x03\x12\x0b\n\x07STOPPED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0c\n\x08\x46INISHED\x10\x06*C\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07ROLLOUT\x10\x01\x12\x0b\n\x07TRAINER\x10\x02\x32\x86\x04\n\x12\x43oordinatorService\x12:\n\x08StartRun\x12\x1a.rlgrid.v1.StartRunRequest\x1a\x12.rlgrid.v1.RunInfo\x12/\n\x06GetRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x30\n\x08ListRuns\x12\x10.rlgrid.v1.Empty\x1a\x12.rlgrid.v1.RunList\x12=\n\x08WatchRun\x12\x1a.rlgrid.v1.WatchRunRequest\x1a\x13.rlgrid.v1.RunEvent0\x01\x12\x31\n\x08PauseRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x32\n\tResumeRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x30\n\x07StopRun\x12\x11.rlgrid.v1.RunRef\x1a\x12.rlgrid.v1.RunInfo\x12\x36\n\x0bListWorkers\x12\x10.rlgrid.v1.Empty\x1a\x15.rlgrid.v1.WorkerList\x12\x41\n\x0eRegisterWorker\x12\x15.rlgrid.v1.WorkerInfo\x1a\x18.rlgrid.v1.RegisterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNINFO_LASTMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_RUNEVENT_METRICSENTRY']._loaded_options = None
   _globals['_RUNEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=971
-  _globals['_RUNSTATE']._serialized_end=1085
-  _globals['_WORKERKIND']._serialized_start=1087
-  _globals['_WORKERKIND']._serialized_end=1154
+  _globals['_RUNSTATE']._serialized_start=988
+  _globals['_RUNSTATE']._serialized_end=1102
+  _globals['_WORKERKIND']._serialized_start=1104
+  _globals['_WORKERKIND']._serialized_end=1171
   _globals['_STARTRUNREQUEST']._serialized_start=66
   _globals['_STARTRUNREQUEST']._serialized_end=144
   _globals['_RUNREF']._serialized_start=146
@@ -56,12 +56,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNEVENT']._serialized_end=764
   _globals['_RUNEVENT_METRICSENTRY']._serialized_start=718
   _globals['_RUNEVENT_METRICSENTRY']._serialized_end=764
-  _globals['_WORKERINFO']._serialized_start=766
-  _globals['_WORKERINFO']._serialized_end=879
-  _globals['_REGISTERREPLY']._serialized_start=881
-  _globals['_REGISTERREPLY']._serialized_end=915
-  _globals['_WORKERLIST']._serialized_start=917
-  _globals['_WORKERLIST']._serialized_end=969
-  _globals['_COORDINATORSERVICE']._serialized_start=1157
-  _globals['_COORDINATORSERVICE']._serialized_end=1675
+  _globals['_WORKERINFO']._serialized_start=767
+  _globals['_WORKERINFO']._serialized_end=896
+  _globals['_REGISTERREPLY']._serialized_start=898
+  _globals['_REGISTERREPLY']._serialized_end=932
+  _globals['_WORKERLIST']._serialized_start=934
+  _globals['_WORKERLIST']._serialized_end=986
+  _globals['_COORDINATORSERVICE']._serialized_start=1174
+  _globals['_COORDINATORSERVICE']._serialized_end=1692
 # @@protoc_insertion_point(module_scope)

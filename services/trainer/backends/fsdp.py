@@ -33,6 +33,13 @@ from services.common.weight_sync import ParamMeta
 from services.trainer import attention
 from services.trainer.backend import TrainerBackend
 from services.trainer.build import build_sharded
+from services.trainer.checkpoint import (
+    DIGEST_FIELD,
+    META_FILE,
+    load_verified,
+    metadata_digest,
+    verified_metadata,
+)
 from services.trainer.loss import (
     LossConfig,
     policy_loss,
@@ -263,9 +270,9 @@ class FSDPBackend(TrainerBackend):
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, os.path.join(path, f"rng-rank{dist.get_rank()}.pt"))
-        if dist.get_rank() == 0:
-            with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
-                json.dump({"step": self._step, **extra}, f)
+        if dist.get_rank() == 0:   # the digest lets load_checkpoint refuse a .metadata rlgrid did not write
+            with open(os.path.join(path, META_FILE), "w") as f:
+                json.dump({"step": self._step, **extra, DIGEST_FIELD: metadata_digest(path)}, f)
 
     def export_hf(self, path: str) -> None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)   # gathered onto rank 0's CPU
@@ -287,12 +294,16 @@ class FSDPBackend(TrainerBackend):
                 shutil.copy(os.path.join(source, name), path)
 
     def load_checkpoint(self, path: str) -> dict:
-        meta_path = os.path.join(path, "rlgrid_meta.json")
+        meta_path = os.path.join(path, META_FILE)
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no rlgrid_meta.json)")
+            raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no {META_FILE})")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        verified_metadata(path, meta)   # refused before any state is touched
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
-        dcp.load(state, checkpoint_id=path)   # DCP reshards: the saving world size need not match
+        # DCP reshards (the saving world size need not match); only verified metadata is unpickled
+        load_verified(state, path, meta)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
@@ -301,8 +312,7 @@ class FSDPBackend(TrainerBackend):
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta.pop(DIGEST_FIELD)
         self._step = int(meta.pop("step"))
         return meta
 
