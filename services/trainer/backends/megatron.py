@@ -310,6 +310,8 @@ class MegatronBackend(TrainerBackend):
         state = {"model": views.model(), "optim": views.optim(self.optimizer), "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)   # into views of the parameters and AdamW's state, any layout
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr   # the schedule's position (the saved groups are not in the checkpoint)
         rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
         if os.path.isfile(rng_path):
             rng = torch.load(rng_path, weights_only=True)

@@ -7,9 +7,13 @@ megatron-core 0.19.2 assumes a GPU in two places that its CPU-capable code paths
    rotary embedding's `inv_freq`, which it moves "to the GPU" at the first forward, the MoE router's
    weight and buffers). On a host without CUDA that call raises, so `torch.cuda.current_device`
    answers "cpu" instead: every such allocation lands on the CPU, where the tensors it meets live.
-2. The RNG tracker: `CudaRNGStatesTracker` keeps named CUDA generator states (the tensor-parallel
+2. Random state: `CudaRNGStatesTracker` keeps named CUDA generator states (the tensor-parallel
    and expert-parallel streams that dropout and weight init fork). It is replaced by a tracker
-   with the same interface over CPU generator states.
+   with the same interface over CPU generator states. Activation recompute (`recompute_granularity`)
+   also saves and restores "the CUDA generator state" around each recomputed chunk, beside the CPU
+   generator's, through `_get_cuda_rng_state` / `_set_cuda_rng_state`; on a host without CUDA there
+   is none, so those two hand back an empty state and restore nothing (the CPU generator, which
+   megatron restores itself, is the one in use).
 
 Nothing else changes; on a CUDA host `install()` does nothing. tests/unit/test_mcore_shims.py checks
 both against megatron-core (a later version that drops or renames these entry points fails there).
@@ -70,6 +74,14 @@ def _cpu_device() -> str:
     return "cpu"
 
 
+def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _restore_nothing(*args, **kwargs) -> None:
+    return None
+
+
 def install() -> bool:
     """Installs both shims on a host without CUDA; returns whether they are in place."""
     global _installed
@@ -79,6 +91,8 @@ def install() -> bool:
         from megatron.core.tensor_parallel import random as mrandom
 
         torch.cuda.current_device = _cpu_device
+        mrandom._get_cuda_rng_state = _no_cuda_rng_state
+        mrandom._set_cuda_rng_state = _restore_nothing
         mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
         _installed = True
