@@ -97,6 +97,10 @@ class MegatronBackend(TrainerBackend):
         init_parallel(self.layout, cfg.runtime_args.seed)
         patches.set_unpermute_dtype(torch.float32 if t.moe_unpermute_dtype == "fp32" else None)
         self.coords = self.layout.coords(dist.get_rank())
+        self._expert_group = None
+        if self.dims.experts and self.layout.ep * self.layout.etp > 1:
+            from megatron.core import parallel_state as ps
+            self._expert_group = ps.get_expert_tensor_and_model_parallel_group()
         self.compute_dtype = resolve_dtype(t.dtype, device)
         self.model = self._build(train=True)
         self.table = slots(self.model, self.dims, self.layout, self.coords)
@@ -161,10 +165,10 @@ class MegatronBackend(TrainerBackend):
         ids = mb.input_ids.to(self.device)
         lens = list(mb.seq_lens)
         sp = self.cfg.models.policy_trainer.sequence_parallel
-        pad = -len(ids) % self.layout.tp if sp else 0
-        if pad:   # SP splits the row evenly over the TP ranks: a filler sequence pads it
-            ids = torch.cat([ids, ids.new_zeros(pad)])
-            lens.append(pad)
+        width = self._row_width(len(ids), sp)
+        if width > len(ids):   # a zero-loss filler sequence pads the row
+            lens.append(width - len(ids))
+            ids = torch.cat([ids, ids.new_zeros(width - len(ids))])
         cu = cu_seqlens_for(lens).to(self.device)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
                                  max_seqlen_kv=max(lens))
@@ -186,6 +190,16 @@ class MegatronBackend(TrainerBackend):
         with self._autocast():
             logits = model(ids[None], pos[None], None, packed_seq_params=packed, output_processor=head)
         return selected_logprobs_and_entropy(logits, ids[targets], mb.temperature, with_entropy)
+
+    def _row_width(self, n: int, sp: bool) -> int:
+        """The row's length as run: megatron's allgather token dispatcher gathers equal shapes over the
+        expert tensor-and-model-parallel group, whose ranks hold different micro-batches (data parallel),
+        so MoE rows there are padded to the group's longest; SP splits a row evenly over TP ranks."""
+        if self._expert_group is not None:
+            longest = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self._expert_group)
+            n = int(longest)
+        return -(-n // self.layout.tp) * self.layout.tp if sp else n
 
     @staticmethod
     def _loss_targets(mb: MicroBatch) -> tuple[torch.Tensor, bool]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from services.trainer.convert.shards import Dims, padded_vocab
@@ -64,18 +65,40 @@ def transformer_config(dims: Dims, t, layout: Layout, *, init: bool, init_std: f
         **recompute, **moe)
 
 
-def layer_spec(dims: Dims, groupgemm: bool):
-    spec = get_gpt_layer_local_spec(num_experts=dims.experts or None, moe_grouped_gemm=groupgemm,
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm as megatron's layer-norm builder wants it. The local spec's WrappedTorchNorm refuses
+    sequence parallelism; here a hidden-size norm under SP marks its weight `sequence_parallel`, so its
+    gradient (partial per TP rank: each saw part of the sequence) is summed over TP (parallel.finish_grads)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel and hidden_size == config.hidden_size
+
+
+def _layer_spec(dims: Dims, moe: bool, groupgemm: bool):
+    spec = get_gpt_layer_local_spec(num_experts=dims.experts if moe else None, moe_grouped_gemm=groupgemm,
                                     normalization="RMSNorm", qk_layernorm=dims.qk_norm)
-    spec.submodules.self_attention.submodules.core_attention = PackedAttention
-    if dims.experts and groupgemm:
-        spec.submodules.mlp = functools.partial(MoELayer, submodules=MoESubmodules(experts=GroupedExperts))
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+    attention = sub.self_attention.submodules
+    attention.core_attention = PackedAttention
+    if dims.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    if moe and groupgemm:
+        sub.mlp = functools.partial(MoELayer, submodules=MoESubmodules(experts=GroupedExperts))
     return spec
+
+
+def block_spec(dims: Dims, groupgemm: bool) -> TransformerBlockSubmodules:
+    """Every layer's spec (MoE layers and dense ones, as the HF config places them) and the final norm."""
+    dense, moe = _layer_spec(dims, False, groupgemm), _layer_spec(dims, True, groupgemm) if dims.experts else None
+    return TransformerBlockSubmodules(layer_specs=[moe if i in dims.moe_layers else dense for i in range(dims.layers)],
+                                      layer_norm=RMSNorm)
 
 
 def build_gpt(dims: Dims, t, layout: Layout, config: TransformerConfig) -> GPTModel:
     """This rank's part of the model (its TP shard, its experts)."""
-    return GPTModel(config, layer_spec(dims, t.groupgemm), vocab_size=padded_vocab(dims.vocab, layout.tp),
+    return GPTModel(config, block_spec(dims, t.groupgemm), vocab_size=padded_vocab(dims.vocab, layout.tp),
                     max_sequence_length=max(t.max_token_in_packing, 1), position_embedding_type="rope",
                     rotary_base=dims.rope_theta, share_embeddings_and_output_weights=dims.tied)
 
