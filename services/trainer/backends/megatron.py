@@ -146,7 +146,9 @@ class MegatronBackend(TrainerBackend):
             with hf_io.HFReader(t.load) as reader:
                 load_from_hf(table, reader.get, self.dims)
         elif not t.meta_init:                   # config only: transformers' seeded init, as the FSDP backend does
-            model = load_causal_lm(t.load, dtype=torch.float32, seed=self.cfg.runtime_args.seed, key=f"{KEY}.load")
+            # (initialised where the FSDP backend initialises it, so both start from the same seeded weights)
+            model = load_causal_lm(t.load, dtype=torch.float32, device=self.device, seed=self.cfg.runtime_args.seed,
+                                   key=f"{KEY}.load")
             load_from_hf(table, hf_io.StateDictReader(model.state_dict()).get, self.dims)
         # (config only with meta_init: megatron's own initialisation on each shard, done at build)
 
@@ -196,7 +198,7 @@ class MegatronBackend(TrainerBackend):
         expert tensor-and-model-parallel group, whose ranks hold different micro-batches (data parallel),
         so MoE rows there are padded to the group's longest; SP splits a row evenly over TP ranks."""
         if self._expert_group is not None:
-            longest = torch.tensor([n], dtype=torch.int64)
+            longest = torch.tensor([n], dtype=torch.int64, device=self.device)   # NCCL reduces device tensors
             dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self._expert_group)
             n = int(longest)
         return -(-n // self.layout.tp) * self.layout.tp if sp else n

@@ -1,7 +1,8 @@
 """python -m services.trainer.convert hf-to-mcore|mcore-to-hf SRC DST
 
-Prints one JSON line: tensors, model bytes, seconds and the process's peak resident memory, also
-as a multiple of the model's size."""
+Prints one JSON line: tensors, model bytes, seconds, the process's resident memory before converting
+and at its peak (also as multiples of the model's size), and whether CUDA was touched (it is not:
+conversion runs on the host)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,16 @@ import json
 import resource
 import time
 
+import torch
+
 from services.trainer.convert.engine import hf_to_mcore, mcore_to_hf
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes), from /proc."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib * 1024
 
 
 def main() -> None:
@@ -18,11 +28,14 @@ def main() -> None:
     parser.add_argument("src", help="source directory")
     parser.add_argument("dst", help="destination directory (created)")
     args = parser.parse_args()
+    before = _rss()
     start = time.perf_counter()
     stats = (hf_to_mcore if args.direction == "hf-to-mcore" else mcore_to_hf)(args.src, args.dst)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-    stats.update(direction=args.direction, seconds=round(time.perf_counter() - start, 3), peak_rss_bytes=peak,
-                 peak_rss_x_model=round(peak / max(1, stats["bytes"]), 3))
+    size = max(1, stats["bytes"])
+    stats.update(direction=args.direction, seconds=round(time.perf_counter() - start, 3), start_rss_bytes=before,
+                 peak_rss_bytes=peak, peak_rss_x_model=round(peak / size, 3),
+                 peak_extra_rss_x_model=round((peak - before) / size, 3), cuda_initialized=torch.cuda.is_initialized())
     print(json.dumps(stats))
 
 

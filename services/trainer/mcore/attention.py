@@ -5,9 +5,9 @@ attention), and our GPU image has no Transformer Engine. This module takes its p
 (`SelfAttentionSubmodules.core_attention`), so megatron keeps doing everything else of THD itself
 (the QKV projection, per-sequence rotary embeddings from `cu_seqlens`, the output projection):
 
-- CUDA: torch's `varlen_attn` (FlashAttention over `cu_seqlens`, causal, grouped-query heads):
-  attention never crosses a sequence and costs only each sequence's own causal blocks.
-- CPU (and any device without it): sdpa with the block-diagonal causal mask of the row
+- CUDA in bf16/fp16: torch's `varlen_attn` (FlashAttention over `cu_seqlens`, causal, grouped-query
+  heads): attention never crosses a sequence and costs only each sequence's own causal blocks.
+- CPU, fp32, or a torch without it: sdpa with the block-diagonal causal mask of the row
   (`services.trainer.attention.dense_mask`, the FSDP backend's own definition of the mask): the same
   result, dense cost.
 """
@@ -62,7 +62,8 @@ class PackedAttention(MegatronModule):
         if torch.is_autocast_enabled(query.device.type):   # rotary embeddings come back in float32
             dtype = torch.get_autocast_dtype(query.device.type)
             query, key, value = (x.to(dtype) for x in (query, key, value))
-        if query.is_cuda and varlen_attn is not None:
+        if query.is_cuda and varlen_attn is not None and query.dtype in (torch.bfloat16, torch.float16):
+            query, key, value = (x.contiguous() for x in (query, key, value))
             out = _varlen(query, key, value, cu.to(torch.int32), packed_seq_params.max_seqlen_q, self.scale)
         else:
             lens = (cu[1:] - cu[:-1]).tolist()
