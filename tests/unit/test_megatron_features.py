@@ -130,6 +130,7 @@ def test_config_only_directory_starts_from_the_fsdp_backends_weights(tiny_model_
 @pytest.mark.parametrize("extra,message", [
     (("models.policy_trainer.moe_permute_fusion=True",), "moe_permute_fusion=True needs Transformer Engine"),
     (("models.policy_trainer.moe_router_bias_update_rate=0.001",), "no router expert bias"),
+    (("models.policy_trainer.tensor_model_parallel_size=2",), "needs models.policy_trainer.sequence_parallel=True"),
 ])
 def test_moe_stability_keys_that_cannot_apply_say_why(moe_dir, extra, message):
     with pytest.raises(ValueError, match=message):

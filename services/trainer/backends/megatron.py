@@ -70,6 +70,9 @@ def _check_keys(t, dims: Dims) -> None:
         raise ValueError(f"{KEY}.moe_router_bias_update_rate={t.moe_router_bias_update_rate}: {dims.model_type} has "
                          f"no router expert bias for it to update (HF checkpoints and the rollout engines could not "
                          f"carry one); keep 0")
+    if dims.experts and t.tensor_model_parallel_size > 1 and not t.sequence_parallel:
+        raise ValueError(f"{KEY}.tensor_model_parallel_size={t.tensor_model_parallel_size} on an MoE model needs "
+                         f"{KEY}.sequence_parallel=True (megatron-core refuses MoE with TP but without SP)")
     if not dims.experts and (t.groupgemm or t.moe_aux_loss_coeff or t.moe_router_dtype != "fp32"
                              or t.moe_unpermute_dtype != "fp32"):
         raise ValueError(f"{KEY}.groupgemm / moe_* keys apply to MoE models; {dims.model_type} has no experts")
