@@ -11,8 +11,9 @@ Parts (each a fresh trainer; a failing part is recorded, the others still run):
            FSDP groupgemm (transformers' grouped_mm) vs megatron groupgemm (GroupedExperts); two forwards of
            the same batch with moe_unpermute_dtype native (megatron's bf16 scatter-add) and fp32.
   convert  a Qwen3-8B-shaped HF directory of random bf16 weights through `python -m services.trainer.convert`
-           hf-to-mcore then mcore-to-hf: seconds, peak host memory as a multiple of the model's bytes, whether
-           CUDA was touched, and the round trip checked tensor by tensor (BLAKE2 digests).
+           hf-to-mcore then mcore-to-hf: seconds, peak host memory above the process's start as a multiple of
+           the model's bytes (memory it holds, RssAnon; and RSS with the safetensors pages it maps), whether
+           CUDA was touched (GPU memory), and the round trip checked tensor by tensor (BLAKE2 digests).
 
 MFU counts model FLOPs only (bench/trainer.py's formula): 6 x matmul parameters x tokens + causal
 attention inside each sequence; for the MoE, the matmul parameters a token uses (top-k experts of each).
@@ -270,9 +271,9 @@ def summary(r: dict) -> None:
     elif c:
         for key in ("hf_to_mcore", "mcore_to_hf"):
             s = c[key]
-            print(f"convert {key:<12} {s['bytes'] / 2**30:6.2f} GiB  {s['seconds']:7.1f} s  peak RSS "
-                  f"{s['peak_rss_x_model']:.3f}x model ({s['peak_extra_rss_x_model']:.3f}x above start)  "
-                  f"CUDA touched: {s['cuda_initialized']}")
+            print(f"convert {key:<12} {s['bytes'] / 2**30:6.2f} GiB  {s['seconds']:7.1f} s  peak above start: "
+                  f"{s['peak_extra_anon_x_model']:.3f}x model held, {s['peak_extra_rss_x_model']:.3f}x with mapped "
+                  f"file pages  CUDA touched: {s['cuda_initialized']}")
         print(f"convert round trip bit-exact: {c['round_trip_bit_exact']}")
     print("seconds per part:", r["seconds"])
 

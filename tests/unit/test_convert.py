@@ -128,6 +128,7 @@ def test_commands_round_trip_bit_exact_and_report_memory(models, arch, tmp_path)
     for stats in (there, back):
         assert stats["bytes"] > 0 and stats["seconds"] > 0 and stats["peak_rss_bytes"] > 0
         assert stats["peak_rss_x_model"] == pytest.approx(stats["peak_rss_bytes"] / stats["bytes"], rel=1e-2)
+        assert stats["peak_extra_anon_x_model"] >= 0 and stats["cuda_initialized"] is False
     a, b = _hf(src), _hf(str(tmp_path / "hf"))
     assert sorted(a) == sorted(b)
     for name in a:
