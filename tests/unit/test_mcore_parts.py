@@ -162,3 +162,17 @@ def test_the_patch_hands_megatron_float32_tokens(monkeypatch):
         token_dispatcher.unpermute(permuted, index, restore_shape=torch.Size([64, permuted.shape[1]]))
     patches.set_unpermute_dtype(torch.float32)
     assert dtypes == [torch.float32, torch.bfloat16]
+
+
+def test_weight_gathers_stay_under_the_bucket_budget():
+    """Weight sync and save_hf gather families into full tensors bucket by bucket: a bucket holds at
+    most the budget, or one family larger than it; every family comes exactly once, in order."""
+    from services.trainer.mcore.weights import Unit, _buckets
+
+    sizes = [40, 10, 30, 100, 5, 5, 60, 1]
+    units = [Unit([f"t{i}"], [], lambda g: [], n) for i, n in enumerate(sizes)]
+    buckets = list(_buckets(units, budget=64))
+    assert [u for b in buckets for u in b] == units
+    for b in buckets:
+        assert sum(u.nbytes for u in b) <= 64 or len(b) == 1
+    assert [[u.nbytes for u in b] for b in buckets] == [[40, 10], [30], [100], [5, 5], [60, 1]]
