@@ -240,7 +240,10 @@ class MegatronBackend(TrainerBackend):
                 loss, metrics = policy_loss(full(lp), mb.old_logprobs.to(self.device), mb.advantages.to(self.device),
                                             mask, cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
                                             ref_logprobs=full(ref) if ref is not None else None, entropy=full(ent))
-                loss.backward()
+                # megatron's linear layers restore autocast in backward for CUDA only (custom_bwd with
+                # device_type="cuda"); on a CPU trainer in bf16 the backward runs in the same region instead
+                with self._autocast() if self.device.type == "cpu" else contextlib.nullcontext():
+                    loss.backward()
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * share
                 tokens += mb.num_tokens * share
