@@ -89,11 +89,12 @@ class MegatronBackend(TrainerBackend):
         cpu_shims.install()
         try:
             self.hf_config = AutoConfig.from_pretrained(t.load)
-            self.dims = Dims.from_hf(self.hf_config)
         except (OSError, ValueError) as exc:
-            if isinstance(exc, UnsupportedModel):
-                raise ModelLoadError(f"{KEY}.load={t.load!r}: {exc}") from exc
             raise ModelLoadError(f"{KEY}.load={t.load!r} could not be loaded: {exc}") from exc
+        try:
+            self.dims = Dims.from_hf(self.hf_config)
+        except UnsupportedModel as exc:
+            raise ModelLoadError(f"{KEY}.load={t.load!r}: {exc}") from exc
         _check_keys(t, self.dims)
         self.layout = Layout.from_config(t, dist.get_world_size())
         self.layout.check_model(self.dims)
