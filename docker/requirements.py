@@ -1,6 +1,7 @@
 """Pip inputs for the images, so the base image's CUDA torch is never replaced.
 
     python requirements.py project-deps pyproject.toml   # [project.dependencies] minus torch & co.
+    python requirements.py project-extra pyproject.toml megatron   # one optional-dependency group, minus torch
     python requirements.py torch-constraints             # the installed torch stack, pinned
 
 pyproject.toml pins torch==2.13.0 (the CPU build dev machines install); the GPU image brings
@@ -33,6 +34,14 @@ def project_deps(pyproject_path: str) -> list[str]:
     return [d for d in deps if _name(d) not in TORCH_STACK]
 
 
+def project_extra(pyproject_path: str, extra: str) -> list[str]:
+    import tomllib
+
+    with open(pyproject_path, "rb") as f:
+        deps = tomllib.load(f)["project"]["optional-dependencies"][extra]
+    return [d for d in deps if _name(d) not in TORCH_STACK]
+
+
 def torch_constraints() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -50,6 +59,8 @@ def torch_constraints() -> list[str]:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["project-deps"] and len(argv) == 2:
         lines = project_deps(argv[1])
+    elif argv[:1] == ["project-extra"] and len(argv) == 3:
+        lines = project_extra(argv[1], argv[2])
     elif argv == ["torch-constraints"]:
         lines = torch_constraints()
     else:

@@ -16,7 +16,7 @@ import functools
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_ATTENTION = ("sdpa", "flex_attention")
+RECOMPUTE = (None, "full", "selective")
+MOE_DTYPES = ("fp32", "fp64", "native")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,18 @@ class PolicyTrainerConfig:
     torch_compile: bool = False  # compile each decoder layer with torch.compile (fused elementwise work; first steps compile)
     ref_offload: bool = False  # keep the reference model's shards in host memory between uses (GPU)
     save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
+    # backend=megatron (Megatron-core) only; ChatLearn's names. docs/architecture.md says what each trades.
+    tensor_model_parallel_size: int = 1  # ranks each layer's matmuls are split over (TP)
+    pipeline_model_parallel_size: int = 1  # pipeline stages the layers are split into (PP)
+    expert_model_parallel_size: int = 1  # ranks the MoE experts are dealt to (EP)
+    expert_tensor_parallel_size: Optional[int] = None  # ranks each expert is split over (ETP); None = TP
+    sequence_parallel: bool = False  # split norms and dropout-free regions along the sequence over TP ranks
+    recompute_granularity: Optional[str] = None  # activation recompute: None, full (every layer) or selective (attention)
+    moe_permute_fusion: bool = False  # Transformer Engine's fused token permutation (needs TE)
+    moe_unpermute_dtype: str = "fp32"  # accumulation dtype of MoE unpermute: fp32, or native (the activations')
+    moe_aux_loss_coeff: float = 0.0  # router load-balancing loss weight (0 = off: the GRPO loss alone)
+    moe_router_bias_update_rate: float = 0.0  # aux-loss-free router bias updates (0 = off; needs an expert bias)
+    moe_router_dtype: str = "fp32"  # router logits/softmax dtype: fp32, fp64, or native (the compute dtype)
 
 
 @dataclass
@@ -222,14 +236,39 @@ _RANGES: list[_Check] = [
     ("models.policy_trainer.ulysses_sequence_parallel_size", lambda v: v >= 1 and not v & (v - 1),
      "a power of two (1, 2, 4, 8, ...) dividing the trainer's GPUs per node and the model's heads"),
     *[(f"models.policy_trainer.{k}", lambda v: v >= 0, ">= 0") for k in (
-        "kl_coef", "entropy_coef", "pos_clip_ratio", "neg_clip_ratio")],
+        "kl_coef", "entropy_coef", "pos_clip_ratio", "neg_clip_ratio", "moe_aux_loss_coeff",
+        "moe_router_bias_update_rate")],
+    *[(f"models.policy_trainer.{k}", lambda v: v >= 1, ">= 1") for k in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")],
+    ("models.policy_trainer.expert_tensor_parallel_size", lambda v: v is None or v >= 1,
+     ">= 1, or null (= tensor_model_parallel_size)"),
+    ("models.policy_trainer.recompute_granularity", lambda v: v in RECOMPUTE, "null, full or selective"),
+    _one_of("models.policy_trainer.moe_unpermute_dtype", ("fp32", "native")),
+    _one_of("models.policy_trainer.moe_router_dtype", MOE_DTYPES),
+]
+
+# Keys that only one trainer backend reads: a value other than the default is an error with the other.
+# (key, backend that reads it, default, what to use instead with the other backend)
+BACKEND_ONLY: list[tuple[str, str, Any, str]] = [
+    *[(k, "megatron", d, "") for k, d in (
+        ("tensor_model_parallel_size", 1), ("pipeline_model_parallel_size", 1), ("expert_model_parallel_size", 1),
+        ("expert_tensor_parallel_size", None), ("sequence_parallel", False), ("moe_permute_fusion", False),
+        ("moe_unpermute_dtype", "fp32"), ("moe_aux_loss_coeff", 0.0), ("moe_router_bias_update_rate", 0.0),
+        ("moe_router_dtype", "fp32"))],
+    ("recompute_granularity", "megatron", None, "; with fsdp use models.policy_trainer.gradient_checkpointing=True"),
+    ("gradient_checkpointing", "fsdp", False, "; with megatron use models.policy_trainer.recompute_granularity=full"),
+    ("ulysses_sequence_parallel_size", "fsdp", 1, "; with megatron use models.policy_trainer.sequence_parallel"),
+    ("attn_implementation", "fsdp", "sdpa", " (megatron runs packed rows through FlashAttention's varlen kernel)"),
+    ("torch_compile", "fsdp", False, ""),
+    ("ref_offload", "fsdp", False, ""),
 ]
 
 # Accepted by the schema but not implemented yet: delete a row when its feature lands.
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
 NOT_IMPLEMENTED: list[tuple[str, Callable[[Any, RLConfig], bool], str]] = [
-    ("models.policy_trainer.backend", lambda v, c: v == "megatron",
-     "{key}={value}: trainer backend 'megatron' not implemented yet; use {key}=fsdp"),
+    ("models.policy_trainer.pipeline_model_parallel_size", lambda v, c: v > 1,
+     "{key}={value}: pipeline parallelism is not implemented in the megatron backend yet; use 1 and raise "
+     "models.policy_trainer.tensor_model_parallel_size instead"),
     ("models.policy.tensor_model_parallel_size",
      lambda v, c: v > 1 and c.models.policy.engine == "builtin",
      "{key}={value}: the built-in engine runs one device; use models.policy.engine=vllm"),
@@ -252,6 +291,13 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
         errors.append(f"models.policy.top_p={pol.top_p} / models.policy.top_k={pol.top_k} are not supported with "
                       "models.policy.engine=vllm (its logprobs would be those of the filtered distribution, "
                       "which the trainer's cannot match); use models.policy.top_p=1.0 and models.policy.top_k=-1")
+    errors += [f"models.policy_trainer.{k}={_get(cfg, 'models.policy_trainer.' + k)!r} applies only to "
+               f"models.policy_trainer.backend={b}, not {tr.backend}{instead}"
+               for k, b, default, instead in BACKEND_ONLY
+               if tr.backend != b and _get(cfg, "models.policy_trainer." + k) != default]
+    if tr.sequence_parallel and tr.tensor_model_parallel_size == 1:
+        errors.append("models.policy_trainer.sequence_parallel=True splits the sequence over tensor-parallel ranks; "
+                      "it needs models.policy_trainer.tensor_model_parallel_size > 1")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length
     if tr.packing and tr.max_token_in_packing < sample_len:
         errors.append(f"models.policy_trainer.max_token_in_packing={tr.max_token_in_packing}"

@@ -1,4 +1,5 @@
-"""The trainer backend interface: FSDP2 now, Megatron-core later; both use services/trainer/loss.py."""
+"""The trainer backend interface: FSDP2 (backends/fsdp.py) and Megatron-core (backends/megatron.py); both use
+services/trainer/loss.py."""
 from __future__ import annotations
 
 import abc
@@ -20,6 +21,11 @@ class TrainerBackend(abc.ABC):
     @abc.abstractmethod
     def compute_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         """float32 [T] logprobs of batch.input_ids under the current weights (0 at sequence starts)."""
+
+    def data_groups(self, world: int) -> list[int]:
+        """The data-parallel replica of each of the trainer's `world` ranks: ranks of one replica train
+        the same micro-batches (tensor or sequence parallel splits of them). Default: every rank its own."""
+        return list(range(world))
 
     @abc.abstractmethod
     def param_specs(self) -> list[ParamMeta]:

@@ -29,16 +29,23 @@ def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
     if backend == "fsdp":
         from services.trainer.backends.fsdp import FSDPBackend
         return FSDPBackend(cfg, device)
+    if backend == "megatron":
+        from services.trainer.backends.megatron import MegatronBackend
+        return MegatronBackend(cfg, device)
     raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
 
 
-def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1) -> list[list[MicroBatch]]:
+def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1,
+            data_groups: list[int] | None = None) -> list[list[MicroBatch]]:
     """Every rank gets the same number of micro-batches (FSDP's collectives require it), with
     tokens spread evenly: longest first, dealt in snake order. Missing slots are filled with a
     copy of a real micro-batch whose loss mask is empty (forward and backward, zero gradient).
-    With sequence parallelism (`sp` > 1) the deal is to the ranks // sp SP groups of consecutive
-    ranks, and every rank of a group gets its group's list (each runs its slice of every row)."""
-    groups = ranks // sp
+    The deal is to data-parallel groups, and every rank of a group gets its group's list (each runs
+    its slice of every row): `data_groups[r]` is rank r's group (TrainerBackend.data_groups), or,
+    without it, ranks // sp groups of `sp` consecutive ranks (Ulysses sequence parallelism)."""
+    if data_groups is None:
+        data_groups = [rank // sp for rank in range(ranks)]
+    groups = max(data_groups) + 1
     order = sorted(micro_batches, key=lambda mb: -mb.num_tokens)
     while len(order) % groups:
         filler = order[-1]
@@ -49,7 +56,7 @@ def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1) -> list[li
     for i, mb in enumerate(order):
         lap, pos = divmod(i, groups)
         shards[pos if lap % 2 == 0 else groups - 1 - pos].append(mb)
-    return [shards[rank // sp] for rank in range(ranks)]
+    return [shards[data_groups[rank]] for rank in range(ranks)]
 
 
 class TrainerRanks:
@@ -61,7 +68,6 @@ class TrainerRanks:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         self.backend: TrainerBackend | None = None
-        self.sp = 1   # models.policy_trainer.ulysses_sequence_parallel_size of the run set up
         self.transport: weight_sync.WeightTransport | None = None   # rank 0 only: it sends for all
 
     # ---- the channel ---------------------------------------------------------------------------
@@ -96,13 +102,13 @@ class TrainerRanks:
         self.backend = None
         cfg = load_config(config_yaml)
         self.backend = build_backend(cfg, self.device)
-        self.sp = cfg.models.policy_trainer.ulysses_sequence_parallel_size
 
     def _train(self, micro_batches: list[MicroBatch] | None = None) -> dict[str, float]:
         """Rank 0 holds the step's micro-batches (payload); each rank receives its balanced share."""
         mine: list = [None]
         if self.world > 1:
-            shares = balance(micro_batches, self.world, self.sp) if self.rank == 0 else None
+            groups = self.backend.data_groups(self.world)
+            shares = balance(micro_batches, self.world, data_groups=groups) if self.rank == 0 else None
             dist.scatter_object_list(mine, shares, src=0, group=self.control)
         else:
             mine = [micro_batches]

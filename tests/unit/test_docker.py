@@ -489,3 +489,14 @@ def test_launcher_runs_a_multi_gpu_trainer_under_torchrun(monkeypatch, module, g
     assert cmd[cmd.index(module) - 1] == "-m" and cmd[-2:] == ["--advertise", "10.0.0.2:50051"]
     if torchrun:
         assert f"--nproc-per-node={gpus}" in cmd
+
+
+def test_trainer_image_installs_the_megatron_extra(dockerfile):
+    spec = importlib.util.spec_from_file_location("rlgrid_docker_requirements", DOCKER / "requirements.py")
+    req = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(req)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["megatron"]
+    assert req.project_extra(str(ROOT / "pyproject.toml"), "megatron") == extra
+    runs = " ".join(i.args for i in dockerfile if i.stage == "trainer" and i.keyword == "RUN")
+    assert "project-extra /opt/rlgrid/pyproject.toml megatron" in runs and "import megatron.core" in runs
+    assert "transformer" not in " ".join(extra).replace("megatron-core", "")   # no Transformer Engine

@@ -235,6 +235,10 @@ class FSDPBackend(TrainerBackend):
             lp = self.sp.gather(lp, batch.num_tokens)
         return lp.float().cpu()
 
+    def data_groups(self, world: int) -> list[int]:
+        sp = self.sp.size if self.sp else 1   # an SP group of consecutive ranks shares its micro-batches
+        return [rank // sp for rank in range(world)]
+
     def param_specs(self) -> list[ParamMeta]:
         return [ParamMeta(n, self.compute_dtype, tuple(p.shape)) for n, p in self.model.named_parameters()]
 

@@ -1,0 +1,61 @@
+"""The Megatron-core checkpoint format of this project: a torch DCP directory whose `model.*` keys are
+the global Megatron-core parameter names (every layer and expert by its index in the whole model),
+each tensor in its layout-free view (`shards.ckpt_view`: what one tensor-parallel rank would hold at
+TP=1; gated MLP weights as [2, I, H]). Trainer checkpoints of the megatron backend hold the same keys
+(plus `optim.*` and the schedule), saved by each rank as DTensor shards of those views, so any
+layout loads them; `convert` writes and reads the same keys one tensor at a time.
+
+Writing streams: DCP asks the planner for each tensor only when it writes it (`resolve_data`),
+so the planner is handed shapes (meta tensors) and produces the data lazily.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+
+MODEL = "model"
+
+
+class _LazyPlanner(DefaultSavePlanner):
+    def __init__(self, make: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._make = make
+
+    def lookup_object(self, index):
+        name = index.fqn.removeprefix(MODEL + ".")
+        return self._make(name)
+
+
+def write_model(path: str, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                make: Callable[[str], torch.Tensor]) -> None:
+    """A model-only checkpoint: `specs` lists (name, shape, dtype); `make(name)` is called once per
+    tensor, while it is written, in one process (no process group needed)."""
+    os.makedirs(path, exist_ok=True)
+    placeholders = {MODEL: {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in specs}}
+    dcp.save(placeholders, storage_writer=FileSystemWriter(path, thread_count=1), planner=_LazyPlanner(make),
+             no_dist=True)
+
+
+def model_keys(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of the `model.*` tensors of a checkpoint."""
+    meta = FileSystemReader(path).read_metadata()
+    out = {}
+    for fqn, md in meta.state_dict_metadata.items():
+        if fqn.startswith(MODEL + ".") and hasattr(md, "size"):
+            out[fqn[len(MODEL) + 1:]] = (tuple(md.size), md.properties.dtype)
+    return out
+
+
+def read_tensors(path: str, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Reads only the named `model.*` tensors (DCP reads just their bytes)."""
+    state = {MODEL: {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype) in wanted.items()}}
+    dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
+    return state[MODEL]
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))

@@ -1,0 +1,142 @@
+"""backend=megatron on two trainer ranks (torchrun, gloo): TP=2 with sequence parallelism and EP=2
+train like one rank; a checkpoint saved at TP=2 (EP=2) resumes at TP=1 (EP=1); a GRPO run with a
+TP=2 trainer and the built-in rollout engine, weights synced from the shards every step.
+
+fp32 throughout. Before training the layouts agree to 1e-6; after steps to 1e-4 (a TP split sums the
+matmuls' partial products in another order, ~1e-7, and AdamW at lr 0.01 on a random-init model
+amplifies such differences in small gradients)."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlgrid.v1 import common_pb2 as pb
+from rlgrid.v1 import coordinator_pb2 as cpb
+from rlgrid.v1 import coordinator_pb2_grpc, trainer_pb2_grpc
+from rlgrid.v1 import trainer_pb2 as tpb
+from services.common import batches
+from services.common.config import config_to_yaml, load_config
+from services.common.rpc import make_channel
+from services.common.tensors import from_wire
+from services.common.tiny_model import build_tiny_model
+from services.coordinator.local import LocalCluster
+from tests.conftest import TINY_WORDS
+from tests.integration.conftest import demo_overrides
+from tests.integration.test_trainer_ranks import _step
+
+pytestmark = pytest.mark.slow
+MEGATRON = "models.policy_trainer.backend=megatron"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("megatron-ranks")
+    cluster = LocalCluster(str(d / "logs"))
+    coord, trainer2, _ = cluster.deploy(str(d / "state"), trainer_nproc=2)
+    trainer1 = cluster.start("trainer-1rank", "services.trainer", "--device", "cpu")   # not registered
+    cluster.wait_healthy(trainer1)
+    stubs = [trainer_pb2_grpc.TrainerServiceStub(make_channel(p.address)) for p in (trainer1, trainer2)]
+    yield {"coord": coord, "stubs": stubs, "dir": d, "trainer": trainer2}
+    cluster.stop_all()
+
+
+def _setup(stub, run_id: str, overrides: list[str]):
+    return stub.Setup(pb.SetupRequest(run_id=run_id, config_yaml=config_to_yaml(load_config(overrides=overrides))))
+
+
+def _logprobs(stub, probe) -> torch.Tensor:
+    return from_wire(stub.ComputeLogProbs(probe).logprobs)
+
+
+def _train_alike(stubs, seeds, keys=("loss", "pg_loss", "kl", "entropy", "grad_norm")):
+    for seed in seeds:
+        step = [batches.to_proto(mb) for mb in _step(seed)]
+        one, two = (dict(s.Train(iter(step)).values) for s in stubs)
+        assert two["ranks"] == 2
+        for key in keys:
+            assert abs(one[key] - two[key]) < 1e-5 * max(1.0, abs(one[key])), (seed, key, one[key], two[key])
+    return one
+
+
+def _reshard_to_one_rank(ranks, stubs, probe, name: str) -> None:
+    """Saved by the two-rank layout, loaded by the one-rank trainer after it drifted: same weights, and
+    the optimizer state came along (the next step is the same on both)."""
+    path = str(ranks["dir"] / name)
+    stubs[1].SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json='{"episode": 3}'))
+    saved = _logprobs(stubs[1], probe)
+    stubs[0].Train(iter([batches.to_proto(mb) for mb in _step(31)]))
+    assert (_logprobs(stubs[0], probe) - saved).abs().max() > 1e-3
+    loaded = stubs[0].LoadCheckpoint(tpb.CheckpointRequest(path=path))
+    assert json.loads(loaded.extra_json) == {"episode": 3}
+    torch.testing.assert_close(_logprobs(stubs[0], probe), saved, atol=1e-6, rtol=0)
+    _train_alike(stubs, [32], keys=("loss", "grad_norm"))
+    torch.testing.assert_close(*(_logprobs(s, probe) for s in stubs), atol=1e-4, rtol=0)
+
+
+def test_tp2_with_sequence_parallel_trains_like_one_rank_and_resumes_at_tp1(ranks, toy):
+    stubs = ranks["stubs"]
+    base = [f"models.policy.load={toy['model']}", MEGATRON, "models.policy_trainer.optimizer.lr=0.01",
+            "models.policy_trainer.optimizer.weight_decay=0.0", "models.policy_trainer.kl_coef=0.1"]
+    assert _setup(stubs[0], "tp1", base).world_size == 1
+    info = _setup(stubs[1], "tp2", base + ["models.policy_trainer.tensor_model_parallel_size=2",
+                                           "models.policy_trainer.sequence_parallel=True"])
+    assert info.world_size == 2 and info.backend == "megatron"
+    probe = batches.to_proto(_step(99)[0])
+    before = [_logprobs(s, probe) for s in stubs]
+    torch.testing.assert_close(before[0], before[1], atol=1e-6, rtol=0)   # the same seeded init, sharded
+    last = _train_alike(stubs, [1, 2])
+    assert last["kl"] > 0
+    after = [_logprobs(s, probe) for s in stubs]
+    assert (after[0] - before[0]).abs().max() > 1e-3
+    torch.testing.assert_close(after[0], after[1], atol=1e-4, rtol=0)
+    _reshard_to_one_rank(ranks, stubs, probe, "ckpt-tp2")
+
+
+def test_ep2_trains_like_one_rank_and_resumes_at_ep1(ranks, tmp_path):
+    """Qwen3-MoE with its experts dealt to two ranks (each rank a data-parallel replica of the rest), with
+    grouped-GEMM experts, against one rank with the per-expert loop."""
+    stubs = ranks["stubs"]
+    moe = build_tiny_model(str(tmp_path / "moe"), TINY_WORDS, arch="qwen3_moe", seed=3)
+    base = [f"models.policy.load={moe}", MEGATRON, "models.policy_trainer.optimizer.lr=0.01",
+            "models.policy_trainer.optimizer.weight_decay=0.0", "models.policy_trainer.kl_coef=0.1"]
+    _setup(stubs[0], "ep1", base)
+    _setup(stubs[1], "ep2", base + ["models.policy_trainer.expert_model_parallel_size=2",
+                                    "models.policy_trainer.groupgemm=True"])
+    probe = batches.to_proto(_step(98)[0])
+    torch.testing.assert_close(*(_logprobs(s, probe) for s in stubs), atol=1e-6, rtol=0)
+    _train_alike(stubs, [7, 8])
+    torch.testing.assert_close(*(_logprobs(s, probe) for s in stubs), atol=1e-4, rtol=0)
+    _reshard_to_one_rank(ranks, stubs, probe, "ckpt-ep2")
+
+
+def test_grpo_run_with_a_tp2_megatron_trainer(ranks, toy, demo_yaml):
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(ranks["coord"].address))
+    overrides = demo_overrides(toy, str(ranks["dir"] / "out"), **{
+        "runtime_args.num_episode": 2, "runtime_args.sample_per_episode": 32, "runtime_args.train_global_batch_size": 16,
+        "models.policy_trainer.backend": "megatron", "models.policy_trainer.tensor_model_parallel_size": 2,
+        "runtime_args.save_episode_interval": 2, "models.policy_trainer.save_hf": True})
+    run = coord.StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
+    events = list(coord.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=300))
+    info = coord.GetRun(cpb.RunRef(run_id=run.run_id))
+    assert info.state == cpb.FINISHED, info.error
+    steps = [e.metrics for e in events if e.metrics]
+    assert [m["rollout/policy_version"] for m in steps] == [0, 2]
+    assert all(m["train/ranks"] == 2 for m in steps)
+    for m in steps:   # the replica serves exactly what the TP shards hold, after every sync
+        assert m["agreement/max_abs_diff"] < 1e-3, m["agreement/max_abs_diff"]
+        for key in ("train/loss", "train/kl", "train/entropy", "train/grad_norm", "sync/bytes"):
+            assert key in m, key
+    # save_hf on this backend: the checkpoint's hf/ is a directory transformers loads, in the final weights
+    hf_dir = os.path.join(info.output_dir, "runs", run.run_id, "checkpoint-2", "hf")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    assert model.config.model_type == "qwen3"
+    probe = batches.make_micro_batch([batches.TrainSequence([5, 3], [4, 4, 6, 1], [-1.0] * 4, 0.0, 0)],
+                                     num_global_tokens=4, temperature=1.0)
+    trainer = _logprobs(trainer_pb2_grpc.TrainerServiceStub(make_channel(ranks["trainer"].address)),
+                        batches.to_proto(probe))
+    with torch.no_grad():
+        logits = model(probe.input_ids[None]).logits[0]
+    ours = torch.log_softmax(logits, -1)[:-1].gather(-1, probe.input_ids[1:, None])[:, 0]
+    torch.testing.assert_close(ours, trainer[1:], atol=1e-5, rtol=0)
