@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
 import os
 import pickle
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -107,3 +109,64 @@ def load_verified(state: dict, path: str, meta: dict) -> None:
         if refused:
             raise refused[0] from None
         raise RuntimeError(f"loading the checkpoint failed: {exc}") from None
+
+
+def write_meta(path: str, meta: dict) -> None:
+    """rlgrid_meta.json beside a DCP checkpoint just written: `meta` plus the digest of its .metadata."""
+    with open(os.path.join(path, META_FILE), "w") as f:
+        json.dump({**meta, DIGEST_FIELD: metadata_digest(path)}, f)
+
+
+def read_meta(path: str) -> dict:
+    """rlgrid_meta.json of a checkpoint (plain JSON; nothing in it is unpickled)."""
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except OSError:
+        raise CheckpointRefused(f"not an rlgrid checkpoint (no readable {META_FILE})") from None
+    except ValueError:
+        raise CheckpointRefused(f"{META_FILE} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointRefused(f"{META_FILE} is not a JSON object")
+    return meta
+
+
+def verified_reader(path: str) -> VerifiedReader:
+    """A DCP reader of `path` that unpickles only the .metadata its rlgrid_meta.json vouches for."""
+    meta = read_meta(path)
+    verified_metadata(path, meta)
+    return VerifiedReader(path, meta)
+
+
+def save(path: str, state: dict, meta: dict, device: torch.device) -> None:
+    """Every rank: `state` through DCP, and this rank's RNG; rank 0 then writes rlgrid_meta.json with `meta`
+    and the digest that lets `load` refuse a .metadata rlgrid did not write."""
+    dcp.save(state, checkpoint_id=path)
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save(rng, os.path.join(path, f"rng-rank{dist.get_rank()}.pt"))
+    if dist.get_rank() == 0:
+        write_meta(path, meta)
+
+
+def load(path: str, state: dict, device: torch.device, backend: str) -> dict:
+    """Every rank: fills `state` from an rlgrid checkpoint of `backend` (resharded as DCP does) after both
+    guards, restores this rank's RNG (a rank the saving run did not have keeps its own), and returns
+    rlgrid_meta.json's fields without the digest and the backend."""
+    meta = read_meta(path)
+    saved_by = meta.get("backend", "fsdp")   # checkpoints from before the field are FSDP's
+    if saved_by != backend:
+        raise CheckpointRefused(f"the checkpoint was saved by models.policy_trainer.backend={saved_by}; resume it "
+                                f"with that backend (models.policy_trainer.backend={backend} now), or convert it")
+    verified_metadata(path, meta)   # refused before any state is touched
+    load_verified(state, path, meta)
+    rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
+    if os.path.isfile(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    meta.pop(DIGEST_FIELD)
+    meta.pop("backend", None)
+    return meta

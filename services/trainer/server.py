@@ -29,9 +29,10 @@ from services.common.rpc import (
 from services.common.security import Transport, transport_from_args
 from services.common.tensors import to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
+from services.trainer import checkpoint
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance
-from services.trainer.checkpoint import CheckpointRefused, verified_metadata
+from services.trainer.checkpoint import CheckpointRefused
 from services.trainer.ranks import TrainerRanks
 
 log = logging.getLogger("trainer")
@@ -154,16 +155,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def LoadCheckpoint(self, request, context):
         backend = self._backend()
         path = self._path(request.path)
-        meta_path = os.path.join(path, "rlgrid_meta.json")
-        if not os.path.isfile(meta_path):
-            raise InvalidArgument("path is not an rlgrid checkpoint directory (no rlgrid_meta.json); "
-                                  "runtime_args.resume_from must name a checkpoint-<episode> directory")
-        try:
-            with open(meta_path) as f:
-                verified_metadata(path, json.load(f))   # refused here, before any rank is asked to load
-        except (CheckpointRefused, ValueError) as exc:
-            raise InvalidArgument(f"path: {exc}" if isinstance(exc, CheckpointRefused)
-                                  else "path: rlgrid_meta.json is not valid JSON") from None
+        try:   # refused here, before any rank is asked to load
+            checkpoint.verified_metadata(path, checkpoint.read_meta(path))
+        except CheckpointRefused as exc:
+            raise InvalidArgument(f"path: {exc}; runtime_args.resume_from must name a checkpoint-<episode> directory "
+                                  f"rlgrid wrote") from None
         with self._lock:
             start = time.perf_counter()
             extra = self.ranks.run("load", path)

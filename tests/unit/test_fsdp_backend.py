@@ -236,5 +236,5 @@ def test_save_checkpoint(backend, tmp_path):
     assert any(name.endswith(".distcp") for name in os.listdir(path))
     meta = json.loads((path / "rlgrid_meta.json").read_text())
     digest = meta.pop("metadata_hmac_sha256")
-    assert meta == {"step": backend.step, "episode": 3, "run": "unit"}
+    assert meta == {"step": backend.step, "backend": "fsdp", "episode": 3, "run": "unit"}
     assert len(digest) == 64 and digest == metadata_digest(str(path))

@@ -61,11 +61,15 @@ def test_checkpoint_restores_weights_optimizer_schedule_and_rng(tiny_model_dir, 
         torch.testing.assert_close(mine[name], tensor, atol=1e-7, rtol=1e-6, msg=name)
 
 
-def test_an_fsdp_checkpoint_is_refused_by_name(tiny_model_dir, tmp_path):
+def test_a_checkpoint_of_the_other_backend_is_refused_by_name(tiny_model_dir, tmp_path):
     fsdp = FSDPBackend(load_config(overrides=_overrides(tiny_model_dir)), CPU)
     fsdp.save_checkpoint(str(tmp_path / "fsdp"), {})
+    mcore = megatron(tiny_model_dir)
     with pytest.raises(ValueError, match="backend=fsdp"):
-        megatron(tiny_model_dir).load_checkpoint(str(tmp_path / "fsdp"))
+        mcore.load_checkpoint(str(tmp_path / "fsdp"))
+    mcore.save_checkpoint(str(tmp_path / "mcore"), {})
+    with pytest.raises(ValueError, match="backend=megatron"):
+        fsdp.load_checkpoint(str(tmp_path / "mcore"))
 
 
 def test_export_hf_and_convert_a_trainer_checkpoint(moe_dir, tmp_path):

@@ -3,7 +3,6 @@ so the same code runs on one CPU process (gloo) or N GPUs (NCCL)."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -12,7 +11,6 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -30,16 +28,9 @@ from services.common.config import RLConfig
 from services.common.models import resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
-from services.trainer import attention
+from services.trainer import attention, checkpoint
 from services.trainer.backend import TrainerBackend
 from services.trainer.build import build_sharded
-from services.trainer.checkpoint import (
-    DIGEST_FIELD,
-    META_FILE,
-    load_verified,
-    metadata_digest,
-    verified_metadata,
-)
 from services.trainer.loss import (
     LossConfig,
     policy_loss,
@@ -269,14 +260,8 @@ class FSDPBackend(TrainerBackend):
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, os.path.join(path, f"rng-rank{dist.get_rank()}.pt"))
-        if dist.get_rank() == 0:   # the digest lets load_checkpoint refuse a .metadata rlgrid did not write
-            with open(os.path.join(path, META_FILE), "w") as f:
-                json.dump({"step": self._step, **extra, DIGEST_FIELD: metadata_digest(path)}, f)
+        checkpoint.save(path, {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()},
+                        {"step": self._step, "backend": "fsdp", **extra}, self.device)
 
     def export_hf(self, path: str) -> None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)   # gathered onto rank 0's CPU
@@ -298,25 +283,11 @@ class FSDPBackend(TrainerBackend):
                 shutil.copy(os.path.join(source, name), path)
 
     def load_checkpoint(self, path: str) -> dict:
-        meta_path = os.path.join(path, META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no {META_FILE})")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        verified_metadata(path, meta)   # refused before any state is touched
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
-        # DCP reshards (the saving world size need not match); only verified metadata is unpickled
-        load_verified(state, path, meta)
+        meta = checkpoint.load(path, state, self.device, "fsdp")   # DCP reshards: the saving world size need not match
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
-        if os.path.isfile(rng_path):   # a rank the saving run did not have keeps its own RNG
-            rng = torch.load(rng_path, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        meta.pop(DIGEST_FIELD)
         self._step = int(meta.pop("step"))
         return meta
 

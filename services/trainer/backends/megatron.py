@@ -12,15 +12,12 @@ reads (GPTModel's `output_processor`), gathered over the vocabulary's TP shards 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig
 
 from services.common.batches import MicroBatch
@@ -28,13 +25,14 @@ from services.common.config import RLConfig
 from services.common.models import ModelLoadError, has_weights, hf_param_specs, load_causal_lm, resolve_dtype
 from services.common.packing import cu_seqlens_for, position_ids_for
 from services.common.weight_sync import ParamMeta
+from services.trainer import checkpoint
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance, init_distributed
 from services.trainer.convert import hf_io, mcore_io
 from services.trainer.convert.shards import Dims, UnsupportedModel, model_items
 from services.trainer.loss import LossConfig, policy_loss, selected_logprobs_and_entropy
 from services.trainer.mcore import cpu_shims, patches
-from services.trainer.mcore.checkpoint import Views, check_megatron_checkpoint
+from services.trainer.mcore.checkpoint import Views
 from services.trainer.mcore.layout import Layout
 from services.trainer.mcore.model import build_gpt, transformer_config
 from services.trainer.mcore.parallel import clip_grads, finish_grads, init_parallel
@@ -314,36 +312,17 @@ class MegatronBackend(TrainerBackend):
     def save_checkpoint(self, path: str, extra: dict) -> None:
         views = Views(self.table, self.dims.vocab, self.device)
         state = {"model": views.model(), "optim": views.optim(self.optimizer), "scheduler": self.scheduler.state_dict()}
-        dcp.save(state, checkpoint_id=path)
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, os.path.join(path, f"rng-rank{dist.get_rank()}.pt"))
+        checkpoint.save(path, state, {"step": self._step, "backend": "megatron", **extra}, self.device)
         if dist.get_rank() == 0:
             hf_io.copy_extras(self.cfg.models.policy_trainer.load, path)
-            with open(os.path.join(path, "rlgrid_meta.json"), "w") as f:
-                json.dump({"step": self._step, "backend": "megatron", **extra}, f)
 
     def load_checkpoint(self, path: str) -> dict:
-        meta_path = os.path.join(path, "rlgrid_meta.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path!r} is not an rlgrid checkpoint (no rlgrid_meta.json)")
-        check_megatron_checkpoint(path)
         views = Views(self.table, self.dims.vocab, self.device)
         state = {"model": views.model(), "optim": views.optim(self.optimizer), "scheduler": self.scheduler.state_dict()}
-        dcp.load(state, checkpoint_id=path)   # into views of the parameters and AdamW's state, any layout
+        meta = checkpoint.load(path, state, self.device, "megatron")   # into views of the parameters and AdamW's state, any layout
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr   # the schedule's position (the saved groups are not in the checkpoint)
-        rng_path = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
-        if os.path.isfile(rng_path):
-            rng = torch.load(rng_path, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        with open(meta_path) as f:
-            meta = json.load(f)
-        meta.pop("backend", None)
         self._step = int(meta.pop("step"))
         return meta
 

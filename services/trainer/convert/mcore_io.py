@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+
+from services.trainer import checkpoint
 
 MODEL = "model"
 
@@ -38,11 +40,12 @@ def write_model(path: str, specs: list[tuple[str, tuple[int, ...], torch.dtype]]
     placeholders = {MODEL: {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in specs}}
     dcp.save(placeholders, storage_writer=FileSystemWriter(path, thread_count=1), planner=_LazyPlanner(make),
              no_dist=True)
+    checkpoint.write_meta(path, {"format": "megatron-core"})   # readers unpickle only the .metadata written here
 
 
 def model_keys(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of the `model.*` tensors of a checkpoint."""
-    meta = FileSystemReader(path).read_metadata()
+    meta = checkpoint.verified_reader(path).read_metadata()
     out = {}
     for fqn, md in meta.state_dict_metadata.items():
         if fqn.startswith(MODEL + ".") and hasattr(md, "size"):
@@ -53,7 +56,7 @@ def model_keys(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 def read_tensors(path: str, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """Reads only the named `model.*` tensors (DCP reads just their bytes)."""
     state = {MODEL: {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype) in wanted.items()}}
-    dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
+    dcp.load(state, storage_reader=checkpoint.verified_reader(path), no_dist=True)
     return state[MODEL]
 
 

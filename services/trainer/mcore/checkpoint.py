@@ -17,7 +17,6 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from services.trainer.convert import mcore_io
 from services.trainer.convert.shards import ckpt_view
 from services.trainer.mcore.weights import Slot
 
@@ -70,10 +69,3 @@ class Views:
             out[name] = {k: self.view(slot, slot.of(state[k])) for k in _STATE}
             out[name]["step"] = state["step"]
         return out
-
-
-def check_megatron_checkpoint(path: str) -> None:
-    keys = mcore_io.model_keys(path)
-    if "embedding.word_embeddings.weight" not in keys:
-        raise ValueError(f"{path!r} was not saved by backend=megatron (its parameters have HF names); "
-                         f"resume it with models.policy_trainer.backend=fsdp")
