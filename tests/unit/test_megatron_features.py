@@ -164,7 +164,7 @@ def test_moe_keys_on_a_dense_model_and_unsupported_models_are_refused(tiny_model
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.sequence_parallel=True"],
      "needs models.policy_trainer.tensor_model_parallel_size > 1"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.moe_unpermute_dtype=bf16"],
-     "moe_unpermute_dtype='bf16' is invalid"),
+     "moe_unpermute_dtype is invalid; must be one of fp32, native"),
 ])
 def test_backend_only_keys_error_for_the_other_backend(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
