@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,10 +28,26 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_ATTENTION = ("sdpa", "flex_attention")
+# Sampling temperatures accepted anywhere (config, Generate, Train): below 0.01 float32 logits / T
+# overflow to inf and the logprobs turn NaN; above 100 the distribution is uniform to float32 precision.
+TEMPERATURE_RANGE = (0.01, 100.0)
 
 
 class ConfigError(ValueError):
     """Invalid run configuration; the message names the dotted key(s) and the fix."""
+
+
+@dataclass
+class RpcTimeouts:
+    """Deadlines in seconds of the coordinator's calls into the trainer and rollout services. A service
+    that stops answering fails the call after this long, with a message naming it and the key."""
+    setup: float = 1800.0  # Setup: building a trainer or an engine (model load, vLLM start-up)
+    generate: float = 1800.0  # one Generate call: a replica's share of a step's samples
+    train: float = 1800.0  # one Train call: one optimizer step
+    logprobs: float = 600.0  # ComputeLogProbs: the agreement check's forward pass
+    weight_sync: float = 600.0  # Prepare/Send/Receive/CommitWeights; also the sync group's collective timeout
+    checkpoint: float = 3600.0  # SaveCheckpoint, LoadCheckpoint, ExportHF
+    control: float = 10.0  # GetInfo, AbortWeights and health probes
 
 
 @dataclass
@@ -50,9 +67,9 @@ class RuntimeArgs:
     logprob_diff_threshold: float = 0.5  # max abs trainer/rollout logprob diff after a weight sync
     agreement_samples: int = 4  # samples per step used by that logprob agreement check
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
-    grpc_max_message_mb: int = 64  # largest gRPC message the services accept (MiB)
     step_retries: int = 1  # how often a failed rollout is retried on other replicas
     resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
+    rpc_timeout_s: RpcTimeouts = field(default_factory=RpcTimeouts)  # deadlines of the calls between services
 
 
 @dataclass
@@ -111,6 +128,8 @@ class PolicyTrainerConfig:
 @dataclass
 class RewardConfig:
     name: str = "math"  # reward function to score responses with
+    timeout_s: float = 10.0  # per-sample time limit; a sample over it scores 0 (metric reward/timeouts)
+    num_workers: int = 2  # processes the coordinator scores samples in (a stuck one is killed at timeout_s)
 
 
 @dataclass
@@ -173,6 +192,9 @@ def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[str]:
             continue
         # name the leaves of an unknown section, so 'runtime_arg.seed' suggests 'runtime_args.seed'
         for leaf in _leaves(value, key):
+            if leaf in MOVED:
+                errors.append(f"config key '{leaf}' is no longer a run setting: {MOVED[leaf]}")
+                continue
             hint = _suggest(leaf)
             fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(fields)}"
             errors.append(f"unknown config key '{leaf}'; {fix}")
@@ -194,7 +216,9 @@ def _one_of(key: str, values: tuple[str, ...]) -> _Check:
 _RANGES: list[_Check] = [
     *[(f"runtime_args.{k}", lambda v: v >= 1, ">= 1") for k in (
         "num_episode", "sample_per_episode", "train_global_batch_size", "train_micro_batch_size",
-        "weight_sync_bucket_mb", "grpc_max_message_mb")],
+        "weight_sync_bucket_mb")],
+    *[(f"runtime_args.rpc_timeout_s.{f.name}", lambda v: 0 < v <= 86400, "0 < seconds <= 86400 (a day)")
+      for f in dataclasses.fields(RpcTimeouts)],
     ("runtime_args.num_inference_per_prompt", lambda v: v >= 2, ">= 2 (GRPO normalises a group)"),
     ("runtime_args.agreement_samples", lambda v: v >= 0, ">= 0"),
     ("runtime_args.save_episode_interval", lambda v: v >= 0, ">= 0 (0 = never)"),
@@ -206,7 +230,8 @@ _RANGES: list[_Check] = [
         "tensor_model_parallel_size", "max_prompt_tokens_length", "max_response_tokens_length",
         "max_num_seqs")],
     ("models.policy.gpu_memory_utilization", lambda v: 0 < v <= 1, "0 < value <= 1"),
-    ("models.policy.temperature", lambda v: v > 0, "> 0"),
+    ("models.policy.temperature", lambda v: TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+     f"{TEMPERATURE_RANGE[0]} <= value <= {TEMPERATURE_RANGE[1]}"),
     ("models.policy.top_p", lambda v: 0 < v <= 1, "0 < value <= 1"),
     ("models.policy.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
     _one_of("models.policy_trainer.backend", BACKENDS),
@@ -221,7 +246,40 @@ _RANGES: list[_Check] = [
      "a power of two (1, 2, 4, 8, ...) dividing the trainer's GPUs per node and the model's heads"),
     *[(f"models.policy_trainer.{k}", lambda v: v >= 0, ">= 0") for k in (
         "kl_coef", "entropy_coef", "pos_clip_ratio", "neg_clip_ratio")],
+    ("models.reward.timeout_s", lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+    ("models.reward.num_workers", lambda v: 1 <= v <= 64, "1 <= value <= 64"),
 ]
+
+# Keys that apply only to some engines, backends or modes. Set to anything but the default where
+# it does not apply, a key would be accepted and ignored: that is an error instead.
+# (dotted key, does it apply to this config?, where it applies and why)
+APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
+    ("models.policy.gpu_memory_utilization", lambda c: c.models.policy.engine == "vllm",
+     "with models.policy.engine=vllm (the built-in engine sizes its KV cache per batch)"),
+    ("runtime_args.train_micro_batch_size", lambda c: not c.models.policy_trainer.packing,
+     "with models.policy_trainer.packing=False (packed micro-batches are sized by "
+     "models.policy_trainer.max_token_in_packing)"),
+    ("models.policy_trainer.max_token_in_packing", lambda c: c.models.policy_trainer.packing,
+     "with models.policy_trainer.packing=True (padded micro-batches hold runtime_args.train_micro_batch_size "
+     "samples)"),
+    ("models.policy_trainer.ref_offload", lambda c: c.models.policy_trainer.kl_coef > 0,
+     "with models.policy_trainer.kl_coef > 0 (only the KL term uses a reference model)"),
+    ("models.policy_trainer.save_hf", lambda c: c.runtime_args.save_episode_interval > 0,
+     "with runtime_args.save_episode_interval > 0 (the HF directory is written into each checkpoint)"),
+    ("runtime_args.logprob_diff_threshold", lambda c: c.runtime_args.agreement_samples > 0,
+     "with runtime_args.agreement_samples > 0 (0 turns the agreement check off)"),
+    *[(f"models.policy_trainer.optimizer.{k}",
+       lambda c: c.models.policy_trainer.optimizer.lr_decay_style != "constant",
+       "with models.policy_trainer.optimizer.lr_decay_style=linear or cosine (a constant LR has no decay)")
+      for k in ("lr_decay_iters", "min_lr")],
+]
+
+# Keys that left the run config, with where their setting lives now.
+MOVED = {
+    "runtime_args.grpc_max_message_mb": "the gRPC message limit is a deployment setting that every sender and "
+                                        "receiver must share: start every service with --max-message-mb "
+                                        "(or RLGRID_GRPC_MAX_MESSAGE_MB)",
+}
 
 # Accepted by the schema but not implemented yet: delete a row when its feature lands.
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
@@ -259,12 +317,23 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
     return errors
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _validate(cfg: RLConfig) -> None:
-    """Ranges first (later checks divide by them), then cross-field, then NOT_IMPLEMENTED."""
-    errors = [f"{k}={_get(cfg, k)!r} is invalid; must be {desc}"
-              for k, ok, desc in _RANGES if not ok(_get(cfg, k))]
+    """Ranges first (later checks divide by them), then cross-field, then keys set where they do not
+    apply (APPLIES_ONLY), then NOT_IMPLEMENTED."""
+    errors = [f"{k} is invalid; must be a finite number"
+              for k in _leaf_types() if not _finite(_get(cfg, k))]
+    errors += [f"{k}={_get(cfg, k)!r} is invalid; must be {desc}"
+               for k, ok, desc in _RANGES if _finite(_get(cfg, k)) and not ok(_get(cfg, k))]
     if not errors:
         errors = _consistency_errors(cfg)
+    if not errors:
+        defaults = RLConfig()
+        errors = [f"{k} is set but applies only {where}; remove it (the default is {_get(defaults, k)!r})"
+                  for k, applies, where in APPLIES_ONLY if _get(cfg, k) != _get(defaults, k) and not applies(cfg)]
     if not errors:
         backend = cfg.models.policy_trainer.backend
         errors = [msg.format(key=k, value=_get(cfg, k), backend=backend)

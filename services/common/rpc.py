@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 from concurrent import futures
 from typing import Any, Callable, Iterable
 
@@ -16,9 +17,16 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 AUTH_ENV = "RLGRID_AUTH_TOKEN"
-# gRPC's 4 MiB default is too small for a step's samples; batches above this are refused
-# by the sender with an error naming runtime_args.grpc_max_message_mb.
-DEFAULT_MAX_MESSAGE_MB = int(os.environ.get("RLGRID_GRPC_MAX_MESSAGE_MB", "64"))
+# gRPC's 4 MiB default is too small for a step's samples. The limit is one deployment setting
+# (--max-message-mb, or this variable) that every service starts with and reports in GetInfo: the
+# coordinator sends at most the smallest of its own and the receiver's, and names the setting.
+MAX_MESSAGE_ENV = "RLGRID_GRPC_MAX_MESSAGE_MB"
+DEFAULT_MAX_MESSAGE_MB = int(os.environ.get(MAX_MESSAGE_ENV, "64"))
+# A streaming call holds one server thread for as long as it is open (sync gRPC). At most this
+# many are open at once per server, so unary calls (registration, health, control) always find a
+# thread; past the bound a stream is answered RESOURCE_EXHAUSTED.
+DEFAULT_MAX_WORKERS = 16
+DEFAULT_MAX_STREAMS = 8
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_ERROR_CHARS = 2000
 
@@ -42,6 +50,16 @@ class NotFound(RpcError, KeyError):
 
 class FailedPrecondition(RpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def add_limit_args(parser) -> None:
+    """The command-line flags of Server's limits, shared by the three services."""
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help=f"largest gRPC message sent or received, MiB (default ${MAX_MESSAGE_ENV} or 64); "
+                             f"the coordinator uses the smallest of its own and each worker's")
+    parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
+                        help="streaming calls (WatchRun, Generate, Train, ...) open at once; more are answered "
+                             "RESOURCE_EXHAUSTED")
 
 
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
@@ -119,14 +137,76 @@ class _AuthInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(self._deny)
 
 
+class _StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Admits at most `limit` streaming calls (either direction) at once; the next one is answered
+    RESOURCE_EXHAUSTED at once instead of waiting for a thread. Unary calls pass untouched."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
+        if not self._slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{method}: this server already serves {self.limit} open streams (its --max-streams); "
+                          f"close one or retry later")
+        released = threading.Event()
+
+        def release() -> None:   # once, when the call ends for any reason (finished, cancelled, deadline)
+            if not released.is_set():
+                released.set()
+                self._slots.release()
+        if not context.add_callback(release):
+            release()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        admit = self._admit
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            def stream_stream(request_iterator, context):
+                admit(context, method)
+                yield from inner(request_iterator, context)
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator, context):
+                admit(context, method)
+                return inner_su(request_iterator, context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        inner_us = handler.unary_stream
+
+        def unary_stream(request, context):
+            admit(context, method)
+            yield from inner_us(request, context)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+
+
 class Server:
-    """A started gRPC server with reflection and grpc.health.v1, serving on `port`."""
+    """A started gRPC server with reflection and grpc.health.v1, serving on `port`.
+
+    `max_message_mb` bounds every message it receives or sends; `max_streams` bounds the streaming
+    calls open at once (each holds one of the `max_workers` threads), so streams can never take the
+    threads that registration, health checks and control calls need."""
 
     def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "0.0.0.0",
-                 port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = 16,
-                 auth_token: str | None = None):
+                 port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = DEFAULT_MAX_WORKERS,
+                 max_streams: int = DEFAULT_MAX_STREAMS, auth_token: str | None = None):
+        if not 1 <= max_streams < max_workers:
+            raise ValueError(f"--max-streams must be between 1 and {max_workers - 1} (the server's threads minus "
+                             f"one, so unary calls always find a thread), got {max_streams}")
         token = os.environ.get(AUTH_ENV) if auth_token is None else auth_token
         interceptors = [_AuthInterceptor(token)] if token else []
+        interceptors.append(_StreamLimitInterceptor(max_streams))
+        self.max_message_mb = max_message_mb
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                 options=channel_options(max_message_mb), interceptors=interceptors)
         names = []

@@ -12,7 +12,7 @@ import torch
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.models import resolve_device
-from services.common.rpc import Server, make_channel
+from services.common.rpc import Server, add_limit_args, make_channel
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def worker_parser(name: str, port: int) -> argparse.ArgumentParser:
     parser.add_argument("--advertise", help="host:port the coordinator reaches this service at")
     parser.add_argument("--coordinator", help="coordinator host:port to register with")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
+    add_limit_args(parser)
     return parser
 
 
@@ -59,10 +60,10 @@ def worker_device(device: str | None) -> torch.device:
 
 
 def start_worker(kind: int, registration: tuple, *, host: str, port: int, advertise: str | None,
-                 coordinator: str | None, device: torch.device) -> tuple[Server, str]:
+                 coordinator: str | None, device: torch.device, limits: dict | None = None) -> tuple[Server, str]:
     """Serves one servicer (with reflection, health, auth) and registers it; returns the server and
-    the address the coordinator reaches it at."""
-    server = Server([registration], host=host, port=port)
+    the address the coordinator reaches it at. `limits`: Server's max_message_mb / max_streams."""
+    server = Server([registration], host=host, port=port, **(limits or {}))
     address = advertise or f"localhost:{server.port}"
     log.info("%s service on port %d (device %s)", cpb.WorkerKind.Name(kind).lower(), server.port, device)
     if coordinator:

@@ -20,16 +20,19 @@ from services.common.config import RLConfig, config_to_yaml, load_config
 from services.common.logs import setup_logging
 from services.common.models import load_tokenizer
 from services.common.rpc import (
+    DEFAULT_MAX_MESSAGE_MB,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Server,
+    add_limit_args,
     handle_errors,
 )
 from services.common.weight_sync import Rendezvous
 from services.coordinator import metrics
-from services.coordinator.clients import RolloutPool, TrainerClient
+from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.loop import RunContext, run_grpo
+from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
 from services.coordinator.sync import WeightSync
 from services.coordinator.workers import WorkerRegistry
@@ -40,8 +43,10 @@ log = logging.getLogger("coordinator")
 class Scheduler:
     """Runs pending runs one after another once a trainer and a rollout replica are registered."""
 
-    def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous):
+    def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous, *,
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB):
         self.store, self.workers, self.rendezvous = store, workers, rendezvous
+        self.max_message_mb = max_message_mb
         self.queue: queue.Queue[tuple[Run, RLConfig, object]] = queue.Queue()
         threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
 
@@ -51,8 +56,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             run, cfg, tokenizer = self.queue.get()
+            probe = cfg.runtime_args.rpc_timeout_s.control
             while run.state == cpb.PENDING and not run.stop_requested:
-                trainers, rollouts = self.workers.serving(cpb.TRAINER), self.workers.serving(cpb.ROLLOUT)
+                trainers, rollouts = self.workers.serving(cpb.TRAINER, probe), self.workers.serving(cpb.ROLLOUT, probe)
                 if trainers and rollouts:
                     break
                 self.workers.changed.wait(timeout=1.0)
@@ -63,27 +69,34 @@ class Scheduler:
             self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts])
 
     def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str]) -> None:
-        ra = cfg.runtime_args
+        ra, rw = cfg.runtime_args, cfg.models.reward
         try:
             run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
-            trainer = TrainerClient(trainer_addr, ra.grpc_max_message_mb)
-            rollouts = RolloutPool(rollout_addrs, max_message_mb=ra.grpc_max_message_mb, retries=ra.step_retries)
+            limits = dict(max_message_mb=self.max_message_mb, timeouts=ra.rpc_timeout_s)
+            trainer = TrainerClient(trainer_addr, **limits)
+            rollouts = RolloutPool(rollout_addrs, **limits, retries=ra.step_retries, max_sequences=ra.sample_per_episode,
+                                   report=run.log)
+            trainer.handshake()
+            rollouts.handshake()
             setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
-            trainer.stub.Setup(setup)
-            rollouts.call_all("Setup", setup)
-            ctx = RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer,
-                             rollouts=rollouts, sync=WeightSync(self.rendezvous, trainer, rollouts,
-                                                                bucket_mb=ra.weight_sync_bucket_mb))
-            run_grpo(ctx)
+            trainer.call("Setup", setup, "setup")
+            rollouts.call_all("Setup", setup, "setup")
+            with RewardPool(rw.name, timeout_s=rw.timeout_s, workers=rw.num_workers) as reward:
+                run_grpo(RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer, rollouts=rollouts,
+                                    sync=WeightSync(self.rendezvous, trainer, rollouts, bucket_mb=ra.weight_sync_bucket_mb),
+                                    reward=reward))
             run.set_state(cpb.FINISHED, f"finished {run.step} steps")
         except StopRequested:
             run.set_state(cpb.STOPPED, f"stopped after step {run.step}")
+        except StepError as exc:
+            log.error("run %s failed: %s", run.run_id, exc)
+            run.fail(str(exc), exc.metrics)
         except grpc.RpcError as exc:
             log.error("run %s failed: %s", run.run_id, exc.details())
-            run.set_state(cpb.FAILED, error=f"{exc.code().name}: {exc.details()}")
+            run.fail(f"{exc.code().name}: {exc.details()}")
         except Exception as exc:  # noqa: BLE001 - a failed run is reported, the coordinator keeps serving
             log.exception("run %s failed", run.run_id)
-            run.set_state(cpb.FAILED, error=f"{type(exc).__name__}: {exc}")
+            run.fail(f"{type(exc).__name__}: {exc}")
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -135,7 +148,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 events, finished = run.events[sent:], run.state in TERMINAL
             sent += len(events)
             for e in events:
-                if e["metrics"] and e["step"] < request.from_step:
+                if e["metrics"] and e["state"] not in TERMINAL and e["step"] < request.from_step:
                     continue
                 yield cpb.RunEvent(run_id=run.run_id, state=e["state"], step=e["step"], metrics=e["metrics"],
                                    message=e["message"], time=e["time"])
@@ -178,12 +191,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 
 def serve(port: int, *, host: str = "0.0.0.0", state_dir: str = "./output/coordinator",
-          advertise_host: str = "127.0.0.1", metrics_port: int | None = None) -> tuple[Server, CoordinatorServicer]:
+          advertise_host: str = "127.0.0.1", metrics_port: int | None = None,
+          limits: dict | None = None) -> tuple[Server, CoordinatorServicer]:
+    """`limits`: Server's max_message_mb / max_streams (the first also bounds what runs send)."""
+    limits = limits or {}
     store, workers = RunStore(state_dir), WorkerRegistry()
-    scheduler = Scheduler(store, workers, Rendezvous(advertise_host))
+    scheduler = Scheduler(store, workers, Rendezvous(advertise_host),
+                          max_message_mb=limits.get("max_message_mb", DEFAULT_MAX_MESSAGE_MB))
     servicer = CoordinatorServicer(store, workers, scheduler)
     server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
-                      cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port)
+                      cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port, **limits)
     if metrics_port is not None:
         metrics.serve(metrics_port)
     log.info("coordinator on port %d, state in %s", server.port, os.path.abspath(state_dir))
@@ -198,10 +215,12 @@ def main() -> None:
     parser.add_argument("--advertise-host", default="127.0.0.1",
                         help="host the services reach this coordinator's weight-sync rendezvous at")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    add_limit_args(parser)
     args = parser.parse_args()
     setup_logging("coordinator")
     server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port,
+                      limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
     server.wait()
 
 
