@@ -58,7 +58,8 @@ class Scheduler:
             run, cfg, tokenizer = self.queue.get()
             probe = cfg.runtime_args.rpc_timeout_s.control
             while run.state == cpb.PENDING and not run.stop_requested:
-                trainers, rollouts = self.workers.serving(cpb.TRAINER, probe), self.workers.serving(cpb.ROLLOUT, probe)
+                trainers = self.workers.serving(cpb.TRAINER, probe)   # rollouts are probed only once one answers
+                rollouts = self.workers.serving(cpb.ROLLOUT, probe) if trainers else []
                 if trainers and rollouts:
                     break
                 self.workers.changed.wait(timeout=1.0)
