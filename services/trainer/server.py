@@ -158,6 +158,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not request.path:
             raise InvalidArgument("path is empty")
         extra = json.loads(request.extra_json) if request.extra_json else {}
+        if not isinstance(extra, dict):
+            raise InvalidArgument("extra_json must be a JSON object (the coordinator's state to restore with it)")
         with self._lock:
             start = time.perf_counter()
             self.ranks.run("save", request.path, extra)
