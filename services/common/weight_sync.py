@@ -258,10 +258,14 @@ def check_plan(plan: pb.WeightSyncPlan) -> None:
 
 def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
     """Joins the group described by `plan` (blocks until every member joined, at most plan.timeout_s).
-    A rendezvous that cannot be reached, or members that do not all join, is FailedPrecondition."""
-    check_plan(plan)
+    A rendezvous that cannot be reached, or members that do not all join, is FailedPrecondition.
+    Services check a plan they are handed with `check_plan` first."""
     try:
-        return TRANSPORTS[plan.transport or "broadcast"](plan, device)
+        cls = TRANSPORTS[plan.transport or "broadcast"]
+    except KeyError:
+        raise ValueError(f"unknown weight-sync transport {plan.transport!r}; known: {sorted(TRANSPORTS)}") from None
+    try:
+        return cls(plan, device)
     except (RuntimeError, TimeoutError) as exc:   # torch's DistNetworkError / DistStoreError are RuntimeErrors
         raise FailedPrecondition(f"could not join weight-sync group {plan.group_id!r} at {plan.rendezvous_host}:"
                                  f"{plan.rendezvous_port} as rank {plan.rank} of {plan.world_size} within "

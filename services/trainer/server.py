@@ -125,7 +125,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if request.rank != 0:
             raise InvalidArgument(f"the trainer sends as rank 0, plan says rank {request.rank}")
         mine = [(p.name, p.shape) for p in backend.param_specs()]
-        theirs = [(p.name, p.shape) for p in weight_sync.specs_from_wire(request.params)]
+        wire = weight_sync.specs_from_wire(request.params)
+        if any(not p.dtype.is_floating_point for p in wire):
+            raise InvalidArgument("params: wire dtypes must be floating point (the rollout engine's dtype, "
+                                  "models.policy.dtype)")
+        theirs = [(p.name, p.shape) for p in wire]
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
