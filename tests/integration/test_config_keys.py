@@ -129,7 +129,7 @@ def test_every_key_is_read_or_refused(in_process, toy, demo_yaml, tmp_path):
         checkpoint = os.path.join(first.output_dir, "runs", first.run_id, "checkpoint-1")
         _run(stub, demo_yaml, base + ["runtime_args.num_episode=2", f"runtime_args.resume_from={checkpoint}"])
     unread = [k for k in valid_keys() if k not in trace.reads and k not in OWNED_ELSEWHERE]
-    assert len(trace.reads) > 40, sorted(trace.reads)   # the trace saw the run at all
+    assert len(set(valid_keys()) & trace.reads) > 50, sorted(trace.reads)   # the trace saw the runs
 
     setup = {"trainer": trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer_address)),
              "rollout": rollout_pb2_grpc.RolloutServiceStub(make_channel(rollout_address))}
