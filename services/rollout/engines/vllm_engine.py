@@ -120,8 +120,14 @@ class VLLMEngine(Engine):
 
     # ---- weights ------------------------------------------------------------------------------
     def join_weight_sync(self, plan: pb.WeightSyncPlan) -> None:
-        self._group = None
-        self.llm.collective_rpc("rlgrid_join", args=(plan.SerializeToString(),))
+        # each worker leaves its old group only once it joined the new one; with several workers one
+        # may have joined while another failed, so the replica then counts as in no group
+        try:
+            self.llm.collective_rpc("rlgrid_join", args=(plan.SerializeToString(),))
+        except Exception:
+            if self.tp > 1:
+                self._group = None
+            raise
         self._group = plan.group_id
 
     def leave_weight_sync(self) -> None:
