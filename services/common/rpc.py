@@ -2,6 +2,7 @@
 deliberate message limits; channels that carry the auth token; errors mapped to status codes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -82,6 +83,8 @@ def handle_errors(method: Callable) -> Callable:
     serving either way.
     """
     def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            return   # the call was cancelled (by its caller, or by time_limit) while reading its requests
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method.__qualname__)
@@ -107,6 +110,19 @@ def handle_errors(method: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001
             fail(context, exc)
     return wrapper
+
+
+@contextlib.contextmanager
+def time_limit(context: grpc.ServicerContext, seconds: float):
+    """Cancels the call if the block still runs after `seconds`: a caller that sends or reads a stream
+    too slowly (or not at all) cannot hold a stream slot, and its thread, for longer than that."""
+    timer = threading.Timer(seconds, context.cancel)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):

@@ -23,6 +23,7 @@ from services.common.rpc import (
     InvalidArgument,
     Server,
     handle_errors,
+    time_limit,
 )
 from services.common.tensors import from_wire, to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
@@ -124,18 +125,21 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         prompts = [from_wire(p.prompt_ids, f"prompts[{i}].prompt_ids", dtype=torch.int32, ndim=1).tolist()
                    for i, p in enumerate(request.prompts)]
         counters = [0] * len(prompts)
-        for g in engine.generate(prompts, sampling, request.n):
-            if not context.is_active():
-                return
-            prompt = request.prompts[g.prompt_index]
-            k = counters[g.prompt_index]
-            counters[g.prompt_index] += 1
-            yield pb.Sample(
-                sample_id=f"{prompt.group_id or g.prompt_index}/{k}", group_id=prompt.group_id,
-                prompt_ids=prompt.prompt_ids, response_ids=to_wire(torch.tensor(g.response_ids, dtype=torch.int32)),
-                response_logprobs=to_wire(torch.tensor(g.logprobs, dtype=torch.float32)),
-                finish_reason=pb.STOP if g.finish_reason == "stop" else pb.LENGTH,
-                policy_version=g.policy_version, replica=self.address)
+        # never longer than the run's own deadline for it, whoever calls (a slow reader holds a stream slot)
+        with time_limit(context, cfg.runtime_args.rpc_timeout_s.generate):
+            for g in engine.generate(prompts, sampling, request.n):
+                if not context.is_active():
+                    return
+                prompt = request.prompts[g.prompt_index]
+                k = counters[g.prompt_index]
+                counters[g.prompt_index] += 1
+                yield pb.Sample(
+                    sample_id=f"{prompt.group_id or g.prompt_index}/{k}", group_id=prompt.group_id,
+                    prompt_ids=prompt.prompt_ids,
+                    response_ids=to_wire(torch.tensor(g.response_ids, dtype=torch.int32)),
+                    response_logprobs=to_wire(torch.tensor(g.logprobs, dtype=torch.float32)),
+                    finish_reason=pb.STOP if g.finish_reason == "stop" else pb.LENGTH,
+                    policy_version=g.policy_version, replica=self.address)
 
     @handle_errors
     def PrepareWeightSync(self, request, context):

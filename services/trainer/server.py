@@ -26,6 +26,7 @@ from services.common.rpc import (
     RpcError,
     Server,
     handle_errors,
+    time_limit,
 )
 from services.common.tensors import to_wire
 from services.common.worker import start_worker, worker_device, worker_parser
@@ -91,12 +92,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # The whole step is decoded and checked before any rank computes: bad input changes nothing.
         # The stream is bounded as it arrives: no more micro-batches or tokens than one step holds.
         micro_batches, tokens, sequences = [], 0, 0
-        for msg in request_iterator:
-            mb = batches.from_proto(msg, vocab_size=backend.vocab_size)
-            limits.check(mb)
-            micro_batches.append(mb)
-            tokens, sequences = tokens + mb.num_tokens, sequences + len(mb.seq_lens)
-            limits.check_step(tokens, sequences)
+        with time_limit(context, self.cfg.runtime_args.rpc_timeout_s.train):   # a stalled sender is cut off
+            for msg in request_iterator:
+                mb = batches.from_proto(msg, vocab_size=backend.vocab_size)
+                limits.check(mb)
+                micro_batches.append(mb)
+                tokens, sequences = tokens + mb.num_tokens, sequences + len(mb.seq_lens)
+                limits.check_step(tokens, sequences)
         if not micro_batches:
             raise InvalidArgument("Train received no micro-batches")
         if len({mb.num_global_tokens for mb in micro_batches}) > 1 or \

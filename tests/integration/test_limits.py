@@ -258,3 +258,24 @@ def test_a_pathological_model_output_does_not_stall_the_loop(services, demo_yaml
         # 8 samples on 2 workers at 2 s each at worst, plus a worker's restart: never minutes
         assert m["time/reward"] < 4 * 2 + 30, m["time/reward"]
     assert os.path.isdir(info.output_dir)
+
+
+def test_a_stalled_train_stream_is_cut_off_at_the_runs_deadline(set_up, run_cfg):
+    """A caller that opens Train and never finishes sending holds a stream slot only until the run's
+    runtime_args.rpc_timeout_s.train, whatever deadline it set itself (here none)."""
+    trainer = set_up.trainer_stub()
+    cfg = load_config(config_to_yaml(run_cfg), ["runtime_args.rpc_timeout_s.train=3"])
+    trainer.Setup(pb.SetupRequest(run_id="stall", config_yaml=config_to_yaml(cfg)))
+    release = threading.Event()
+
+    def stalled():
+        yield batches.to_proto(step_batch(0))
+        release.wait(120)
+    start = time.perf_counter()
+    try:
+        expect_rpc_error(lambda: trainer.Train(stalled()), grpc.StatusCode.CANCELLED)
+    finally:
+        release.set()
+    assert time.perf_counter() - start < 3 + 20
+    assert trainer.GetInfo(pb.Empty()).step == 0
+    assert trainer.Train(iter([batches.to_proto(step_batch(0))]), timeout=60).step == 1   # and serves on
