@@ -84,10 +84,10 @@ def check_generate_size(request: rpb.GenerateRequest, cfg: RLConfig, context_len
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, address: str, device: torch.device, engine: Engine | None = None):
+    def __init__(self, address: str, device: torch.device):
         self.address = address
         self.device = device
-        self.engine = engine
+        self.engine: Engine | None = None
         self.cfg: RLConfig | None = None   # the run the engine is set up for: Generate's bounds
         self.run_id = ""
         self._config_key: tuple | None = None
