@@ -61,6 +61,7 @@ class RewardPool:
         self._selector = selectors.DefaultSelector()
         self._workers = [self._start() for _ in range(workers)]
         self.timeouts = 0   # samples over the limit, over the pool's life
+        log.info(self.describe())
 
     def describe(self) -> str:
         return (f"rewards: '{self.name}' in {len(self._workers)} worker processes, each sample limited to "
