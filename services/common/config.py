@@ -33,6 +33,11 @@ TRAINER_ATTENTION = ("sdpa", "flex_attention")
 TEMPERATURE_RANGE = (0.01, 100.0)
 
 
+# Config text is parsed before anything else looks at it: its size is bounded first (YAML parsing
+# runs at about a MiB a second; alias expansion is bounded by OmegaConf itself).
+MAX_CONFIG_CHARS = 1 << 20
+
+
 class ConfigError(ValueError):
     """Invalid run configuration; the message names the dotted key(s) and the fix."""
 
@@ -366,9 +371,12 @@ def load_config(yaml_text: str | None = None, overrides: Sequence[str] = (), *,
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                yaml_text = f.read()
+                yaml_text = f.read(MAX_CONFIG_CHARS + 1)
         except OSError as e:
             raise ConfigError(f"cannot read config file {path!r}: {e.strerror}") from None
+    if len(yaml_text or "") > MAX_CONFIG_CHARS or sum(len(o) for o in overrides) > MAX_CONFIG_CHARS:
+        raise ConfigError(f"the config (YAML and overrides) may hold at most {MAX_CONFIG_CHARS} characters each; "
+                          f"a run config is a few KiB")
     if yaml_text is not None:
         layers.append((path or "config text", _parse_yaml(yaml_text, path or "config text")))
     bad = [o for o in overrides if "=" not in o]

@@ -210,6 +210,7 @@ HOSTILE_YAML = [
     "runtime_args:\n  seed: ${oc.env:HOME}\n", "unknown_section:\n  x: 1\n",
     "a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
     "d: &d [*c, *c, *c, *c, *c, *c, *c, *c]\ne: [*d, *d, *d, *d, *d, *d, *d, *d]\n",
+    "runtime_args:\n  seed: 1\n" + "#" * (2 << 20),   # 2 MiB: refused before it is parsed
 ]
 
 

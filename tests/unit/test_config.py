@@ -291,3 +291,9 @@ def test_vllm_refuses_filtered_sampling_naming_the_keys(override: str) -> None:
     msg = error_of(overrides=("models.policy.engine=vllm", override))
     assert "models.policy.top_p" in msg and "models.policy.top_k" in msg and "engine=vllm" in msg
     load_config(overrides=[override])   # the built-in engine reports unfiltered logprobs: fine there
+
+
+def test_config_text_is_bounded_before_parsing() -> None:
+    from services.common.config import MAX_CONFIG_CHARS
+    assert "at most" in error_of("runtime_args:\n  seed: 1\n" + "#" * MAX_CONFIG_CHARS)
+    assert "at most" in error_of(overrides=tuple(f"runtime_args.seed={i:0999d}" for i in range(1100)))
