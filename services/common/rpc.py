@@ -216,6 +216,8 @@ class Server:
     def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "0.0.0.0",
                  port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = DEFAULT_MAX_WORKERS,
                  max_streams: int = DEFAULT_MAX_STREAMS, auth_token: str | None = None):
+        if not 1 <= max_message_mb <= 2047:   # gRPC's limits are int32 bytes
+            raise ValueError(f"--max-message-mb must be between 1 and 2047, got {max_message_mb}")
         if not 1 <= max_streams < max_workers:
             raise ValueError(f"--max-streams must be between 1 and {max_workers - 1} (the server's threads minus "
                              f"one, so unary calls always find a thread), got {max_streams}")

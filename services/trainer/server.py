@@ -82,17 +82,20 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.cfg, self.run_id = cfg, request.run_id
         return self._info()
 
-    def _limits(self, backend: TrainerBackend) -> batches.BatchLimits:
-        return batches.BatchLimits.of(self.cfg, backend.step)
+    def _set_up(self) -> tuple[TrainerBackend, RLConfig, batches.BatchLimits]:
+        """The backend, the run it is set up for, and the bounds of what it accepts now."""
+        backend, cfg = self._backend(), self.cfg
+        if cfg is None:   # a Setup is under way
+            raise FailedPrecondition("trainer is being set up; retry when its Setup has returned")
+        return backend, cfg, batches.BatchLimits.of(cfg, backend.step)
 
     @handle_errors
     def Train(self, request_iterator, context):
-        backend = self._backend()
-        limits = self._limits(backend)
+        backend, cfg, limits = self._set_up()
         # The whole step is decoded and checked before any rank computes: bad input changes nothing.
         # The stream is bounded as it arrives: no more micro-batches or tokens than one step holds.
         micro_batches, tokens, sequences = [], 0, 0
-        with time_limit(context, self.cfg.runtime_args.rpc_timeout_s.train):   # a stalled sender is cut off
+        with time_limit(context, cfg.runtime_args.rpc_timeout_s.train):   # a stalled sender is cut off
             for msg in request_iterator:
                 mb = batches.from_proto(msg, vocab_size=backend.vocab_size)
                 limits.check(mb)
@@ -114,9 +117,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @handle_errors
     def ComputeLogProbs(self, request, context):
-        backend = self._backend()
+        backend, _, limits = self._set_up()
         batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
-        self._limits(backend).check(batch, for_training=False)
+        limits.check(batch, for_training=False)
         with self._lock:
             return tpb.LogProbs(logprobs=to_wire(self.ranks.run("logprobs", batch)))
 
