@@ -86,7 +86,7 @@ def main() -> None:
                      f"runtime_args.output_dir={work}/out", f"runtime_args.num_episode={args.steps}",
                      f"runtime_args.logprob_diff_threshold={args.threshold}", "runtime_args.agreement_samples=16",
                      "models.policy.dtype=auto", "models.policy_trainer.dtype=auto", f"models.policy.engine={args.engine}",
-                     "models.policy.gpu_memory_utilization=0.5",
+                     *(["models.policy.gpu_memory_utilization=0.5"] if args.engine == "vllm" else []),
                      "models.policy_trainer.optimizer.lr=0.001", f"runtime_args.sample_per_episode={args.samples}",
                      f"runtime_args.train_global_batch_size={args.samples}"]
         if args.max_response:

@@ -98,7 +98,8 @@ def main() -> None:
     overrides = [f"models.policy.load={work}", f"models.policy.engine={args.engine}", "models.policy.dtype=auto",
                  f"models.policy.max_num_seqs={args.num_seqs}", f"models.policy.enforce_eager={args.enforce_eager}",
                  f"models.policy.max_prompt_tokens_length={args.prompt_len}",
-                 f"models.policy.max_response_tokens_length={args.max_tokens}", "models.policy.gpu_memory_utilization=0.6"]
+                 f"models.policy.max_response_tokens_length={args.max_tokens}",
+                 *(["models.policy.gpu_memory_utilization=0.6"] if args.engine == "vllm" else [])]
     cfg = load_config(overrides=overrides)
     result = {"benchmark": "rollout_throughput", "engine": args.engine, "model": args.model, "machine": machine(),
               "command": " ".join(["python"] + sys.argv), "num_seqs": args.num_seqs, "prompt_len": args.prompt_len,

@@ -93,12 +93,14 @@ def measure_ours(model_dir: str, args) -> dict:
                                      f"runtime_args.weight_sync_bucket_mb={args.bucket_mb}"])
         setup = pb.SetupRequest(run_id="bench", config_yaml=config_to_yaml(cfg))
         t0 = time.perf_counter()
-        tclient = TrainerClient(trainer.address, 64, secret=secret)
-        pool = RolloutPool([rollout.address], max_message_mb=64, retries=0, secrets={rollout.address: secret})
-        tclient.stub.Setup(setup, timeout=900)
-        pool.call_all("Setup", setup, timeout=900)
+        limits = dict(max_message_mb=64, timeouts=cfg.runtime_args.rpc_timeout_s)
+        tclient = TrainerClient(trainer.address, **limits, secret=secret)
+        pool = RolloutPool([rollout.address], **limits, retries=0, max_sequences=cfg.runtime_args.sample_per_episode,
+                           secrets={rollout.address: secret})
+        tclient.call("Setup", setup, "setup")
+        pool.call_all("Setup", setup, "setup")
         setup_s = time.perf_counter() - t0
-        sync = WeightSync(Rendezvous("127.0.0.1"), tclient, pool, bucket_mb=args.bucket_mb, timeout_s=600)
+        sync = WeightSync(Rendezvous("127.0.0.1"), tclient, pool, bucket_mb=args.bucket_mb)
         t0 = time.perf_counter()
         first = sync.sync(0)   # builds the group, then syncs
         group_s = time.perf_counter() - t0 - first["sync/send_seconds"]
@@ -109,7 +111,7 @@ def measure_ours(model_dir: str, args) -> dict:
                                                                  seed=1), n=2)
         samples = [decode_sample(m) for m in pool.replicas[0].stub.Generate(request)]
         agreement = logprob_agreement(tclient, samples, k=2, threshold=float("inf"), temperature=1.0)
-        info = tclient.stub.GetInfo(pb.Empty())
+        info = tclient.call("GetInfo", pb.Empty())
         return {"setup_seconds": setup_s, "group_setup_seconds": group_s, "bytes": runs[0]["sync/bytes"],
                 "params": sum(int(torch.tensor(list(p.shape)).prod()) for p in info.params),
                 "sync_seconds": [r["sync/seconds"] for r in runs],

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
+from services.common.config import TEMPERATURE_RANGE, RLConfig
 from services.common.packing import (
     best_fit_decreasing,
     cu_seqlens_for,
@@ -22,6 +23,12 @@ from services.common.tensors import from_wire, to_wire
 
 # Upper bound on tokens in one micro-batch accepted from the wire (1M tokens); larger is a bug.
 MAX_TOKENS_PER_BATCH = 1 << 20
+# Loss inputs the trainer accepts. A sampled token's logprob is never below -50 in practice (it was
+# drawn with probability e^-50); with that floor and |advantage| <= 1e3 the PPO ratio exp(new - old)
+# times the advantage stays finite in float32 (e^50 * 1e3 ~ 5e24), summed over a million tokens too.
+# Group-normalised advantages are at most sqrt(group size).
+MIN_OLD_LOGPROB = -50.0
+MAX_ABS_ADVANTAGE = 1e3
 
 
 @dataclass
@@ -108,29 +115,102 @@ def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_traini
     if cu.numel() < 2 or cu[0] != 0 or cu[-1] != t or bool((cu[1:] <= cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must rise strictly from 0 to len(input_ids)={t}, got {cu.tolist()[:8]}")
     seq_lens = (cu[1:] - cu[:-1]).tolist()
-    if not math.isfinite(msg.temperature) or msg.temperature < 0:
-        raise ValueError(f"temperature must be a positive number (0 means 1.0), got {msg.temperature}")
+    lo, hi = TEMPERATURE_RANGE
+    if not (math.isfinite(msg.temperature) and lo <= msg.temperature <= hi):
+        raise ValueError(f"temperature must be a number in [{lo}, {hi}] (models.policy.temperature), "
+                         f"got {msg.temperature}")
     if not for_training:
         zeros = torch.zeros(t)
         return MicroBatch(ids, seq_lens, zeros.bool(), zeros, zeros, torch.zeros(len(seq_lens), dtype=torch.int64),
-                          1, msg.temperature or 1.0, msg.padded, msg.step)
+                          1, msg.temperature, msg.padded, msg.step)
     per_token = {}
     for field, dtype in (("loss_mask", torch.uint8), ("old_logprobs", torch.float32), ("advantages", torch.float32)):
         tensor = from_wire(getattr(msg, field), field, dtype=dtype, ndim=1)
         if tensor.numel() != t:
             raise ValueError(f"{field} has {tensor.numel()} entries, input_ids has {t}")
         per_token[field] = tensor
-    if not bool(torch.isfinite(per_token["old_logprobs"]).all() and torch.isfinite(per_token["advantages"]).all()):
+    old, adv = per_token["old_logprobs"], per_token["advantages"]
+    if not bool(torch.isfinite(old).all() and torch.isfinite(adv).all()):
         raise ValueError("old_logprobs and advantages must be finite")
     versions = from_wire(msg.versions, "versions", dtype=torch.int64, ndim=1)
     if versions.numel() != len(seq_lens):
         raise ValueError(f"versions has {versions.numel()} entries, cu_seqlens describes {len(seq_lens)} sequences")
+    if bool((versions < 0).any()):
+        raise ValueError("versions must be >= 0 (policy versions of the samples)")
+    if not set(per_token["loss_mask"].unique().tolist()) <= {0, 1}:
+        raise ValueError("loss_mask must hold only 0 and 1")
     mask = per_token["loss_mask"].bool()
+    if bool(old[~mask].any() or adv[~mask].any()):
+        raise ValueError("old_logprobs and advantages must be 0 off the loss mask")
+    if bool((old[mask] < MIN_OLD_LOGPROB).any() or (old[mask] > 1e-4).any()):
+        raise ValueError(f"old_logprobs must be log-probabilities in [{MIN_OLD_LOGPROB}, 0] on the loss mask "
+                         f"(the rollout's logprobs of sampled tokens)")
+    if bool((adv.abs() > MAX_ABS_ADVANTAGE).any()):
+        raise ValueError(f"advantages must be within +-{MAX_ABS_ADVANTAGE:g} (group-normalised advantages are at most "
+                         f"sqrt(runtime_args.num_inference_per_prompt))")
     starts = cu[:-1]
     if bool(mask[starts].any()):
         raise ValueError("loss_mask is set on the first token of a sequence, which has no prediction")
     if msg.num_global_tokens < int(mask.sum()) or msg.num_global_tokens <= 0:
         raise ValueError(f"num_global_tokens={msg.num_global_tokens} is smaller than this batch's "
                          f"{int(mask.sum())} loss tokens")
-    return MicroBatch(ids, seq_lens, mask, per_token["old_logprobs"], per_token["advantages"], versions,
-                      int(msg.num_global_tokens), msg.temperature or 1.0, msg.padded, msg.step)
+    return MicroBatch(ids, seq_lens, mask, old, adv, versions, int(msg.num_global_tokens), msg.temperature,
+                      msg.padded, msg.step)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one run's batches may hold, from the config the trainer is set up with and its step."""
+    temperature: float           # models.policy.temperature: the logprobs' temperature
+    max_sequence: int            # tokens of one sample (prompt + response)
+    max_tokens: int              # tokens of one training micro-batch
+    max_sequences: int           # sequences of one training micro-batch
+    max_step_tokens: int         # tokens of one Train call (one optimizer step) or ComputeLogProbs call
+    max_step_sequences: int      # sequences of one Train call: runtime_args.train_global_batch_size
+    max_loss_tokens: int         # num_global_tokens: loss tokens of one optimizer step
+    versions: tuple[int, int]    # oldest and newest policy version a trained sample may carry
+
+    @classmethod
+    def of(cls, cfg: RLConfig, step: int) -> BatchLimits:
+        ra, p, t = cfg.runtime_args, cfg.models.policy, cfg.models.policy_trainer
+        sample = p.max_prompt_tokens_length + p.max_response_tokens_length
+        gbs = ra.train_global_batch_size
+        # an episode's samples are generated by one version and train over its optimizer steps
+        lag = ra.sample_per_episode // gbs - 1
+        return cls(temperature=p.temperature, max_sequence=sample,
+                   max_tokens=t.max_token_in_packing if t.packing else ra.train_micro_batch_size * sample,
+                   max_sequences=gbs if t.packing else ra.train_micro_batch_size, max_step_tokens=gbs * sample,
+                   max_step_sequences=gbs,
+                   max_loss_tokens=gbs * p.max_response_tokens_length, versions=(max(step - lag, 0), step))
+
+    def check_step(self, tokens: int, sequences: int) -> None:
+        """Tokens and sequences of one call: at most one optimizer step's."""
+        if tokens > self.max_step_tokens or sequences > self.max_step_sequences:
+            raise ValueError(f"{tokens} tokens in {sequences} sequences are more than one optimizer step holds "
+                             f"({self.max_step_sequences} sequences: runtime_args.train_global_batch_size, of at most "
+                             f"{self.max_sequence} tokens each)")
+
+    def check(self, mb: MicroBatch, *, for_training: bool = True) -> None:
+        """Raises ValueError naming the field and the config key when `mb` is outside the run's bounds."""
+        if abs(mb.temperature - self.temperature) > 1e-6 * max(1.0, self.temperature):
+            raise ValueError(f"temperature={mb.temperature:g} is not the run's models.policy.temperature="
+                             f"{self.temperature:g}, which the rollout's logprobs were sampled at")
+        if max(mb.seq_lens) > self.max_sequence:
+            raise ValueError(f"a sequence of {max(mb.seq_lens)} tokens is longer than models.policy."
+                             f"max_prompt_tokens_length + max_response_tokens_length = {self.max_sequence}")
+        if not for_training:
+            self.check_step(mb.num_tokens, len(mb.seq_lens))
+            return
+        if mb.num_tokens > self.max_tokens or len(mb.seq_lens) > self.max_sequences:
+            raise ValueError(f"a micro-batch of {mb.num_tokens} tokens in {len(mb.seq_lens)} sequences is larger than "
+                             f"the run's ({self.max_tokens} tokens, {self.max_sequences} sequences: "
+                             f"models.policy_trainer.max_token_in_packing, runtime_args.train_micro_batch_size)")
+        if mb.num_global_tokens > self.max_loss_tokens:
+            raise ValueError(f"num_global_tokens={mb.num_global_tokens} is more than one optimizer step can hold "
+                             f"(runtime_args.train_global_batch_size x models.policy.max_response_tokens_length = "
+                             f"{self.max_loss_tokens})")
+        oldest, newest = self.versions
+        if bool((mb.versions < oldest).any() or (mb.versions > newest).any()):
+            raise ValueError(f"versions {sorted(set(mb.versions.tolist()))[:4]} are outside [{oldest}, {newest}]: "
+                             f"samples of policy versions older than one episode (or newer than the trainer's step "
+                             f"{newest}) are refused")

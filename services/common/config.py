@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -30,10 +31,31 @@ TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_ATTENTION = ("sdpa", "flex_attention")
 RECOMPUTE = (None, "full", "selective")
 MOE_DTYPES = ("fp32", "fp64", "native")
+# Sampling temperatures accepted anywhere (config, Generate, Train): below 0.01 float32 logits / T
+# overflow to inf and the logprobs turn NaN; above 100 the distribution is uniform to float32 precision.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+# Config text is parsed before anything else looks at it: its size is bounded first (YAML parsing
+# runs at about a MiB a second; alias expansion is bounded by OmegaConf itself).
+MAX_CONFIG_CHARS = 1 << 20
 
 
 class ConfigError(ValueError):
     """Invalid run configuration; the message names the dotted key(s) and the fix."""
+
+
+@dataclass
+class RpcTimeouts:
+    """Deadlines in seconds of the coordinator's calls into the trainer and rollout services. A service
+    that stops answering fails the call after this long, with a message naming it and the key."""
+    setup: float = 1800.0  # Setup: building a trainer or an engine (model load, vLLM start-up)
+    generate: float = 1800.0  # one Generate call: a replica's share of a step's samples
+    train: float = 1800.0  # one Train call: one optimizer step
+    logprobs: float = 600.0  # ComputeLogProbs: the agreement check's forward pass
+    weight_sync: float = 600.0  # Prepare/Send/Receive/CommitWeights; also the sync group's collective timeout
+    checkpoint: float = 3600.0  # SaveCheckpoint, LoadCheckpoint, ExportHF
+    control: float = 10.0  # GetInfo, AbortWeights and health probes
 
 
 @dataclass
@@ -53,9 +75,9 @@ class RuntimeArgs:
     logprob_diff_threshold: float = 0.5  # max abs trainer/rollout logprob diff after a weight sync
     agreement_samples: int = 4  # samples per step used by that logprob agreement check
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
-    grpc_max_message_mb: int = 64  # largest gRPC message the services accept (MiB)
     step_retries: int = 1  # how often a failed rollout is retried on other replicas
     resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
+    rpc_timeout_s: RpcTimeouts = field(default_factory=RpcTimeouts)  # deadlines of the calls between services
 
 
 @dataclass
@@ -126,6 +148,8 @@ class PolicyTrainerConfig:
 @dataclass
 class RewardConfig:
     name: str = "math"  # reward function to score responses with
+    timeout_s: float = 10.0  # per-sample time limit; a sample over it scores 0 (metric reward/timeouts)
+    num_workers: int = 2  # processes the coordinator scores samples in (a stuck one is killed at timeout_s)
 
 
 @dataclass
@@ -189,6 +213,9 @@ def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[tuple[st
             continue
         # name the leaves of an unknown section, so 'runtime_arg.seed' suggests 'runtime_args.seed'
         for leaf in _leaves(value, key):
+            if leaf in MOVED:
+                errors.append(f"config key '{leaf}' is no longer a run setting: {MOVED[leaf]}")
+                continue
             hint = _suggest(leaf)
             fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(fields)}"
             errors.append((leaf, f"unknown config key {_key_text(leaf)}; {fix}"))
@@ -210,7 +237,9 @@ def _one_of(key: str, values: tuple[str, ...]) -> _Check:
 _RANGES: list[_Check] = [
     *[(f"runtime_args.{k}", lambda v: v >= 1, ">= 1") for k in (
         "num_episode", "sample_per_episode", "train_global_batch_size", "train_micro_batch_size",
-        "weight_sync_bucket_mb", "grpc_max_message_mb")],
+        "weight_sync_bucket_mb")],
+    *[(f"runtime_args.rpc_timeout_s.{f.name}", lambda v: 0 < v <= 86400, "0 < seconds <= 86400 (a day)")
+      for f in dataclasses.fields(RpcTimeouts)],
     ("runtime_args.num_inference_per_prompt", lambda v: v >= 2, ">= 2 (GRPO normalises a group)"),
     ("runtime_args.agreement_samples", lambda v: v >= 0, ">= 0"),
     ("runtime_args.save_episode_interval", lambda v: v >= 0, ">= 0 (0 = never)"),
@@ -222,7 +251,8 @@ _RANGES: list[_Check] = [
         "tensor_model_parallel_size", "max_prompt_tokens_length", "max_response_tokens_length",
         "max_num_seqs")],
     ("models.policy.gpu_memory_utilization", lambda v: 0 < v <= 1, "0 < value <= 1"),
-    ("models.policy.temperature", lambda v: v > 0, "> 0"),
+    ("models.policy.temperature", lambda v: TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+     f"{TEMPERATURE_RANGE[0]} <= value <= {TEMPERATURE_RANGE[1]}"),
     ("models.policy.top_p", lambda v: 0 < v <= 1, "0 < value <= 1"),
     ("models.policy.top_k", lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
     _one_of("models.policy_trainer.backend", BACKENDS),
@@ -245,23 +275,60 @@ _RANGES: list[_Check] = [
     ("models.policy_trainer.recompute_granularity", lambda v: v in RECOMPUTE, "null, full or selective"),
     _one_of("models.policy_trainer.moe_unpermute_dtype", ("fp32", "native")),
     _one_of("models.policy_trainer.moe_router_dtype", MOE_DTYPES),
+    ("models.reward.timeout_s", lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
+    ("models.reward.num_workers", lambda v: 1 <= v <= 64, "1 <= value <= 64"),
 ]
 
-# Keys that only one trainer backend reads: a value other than the default is an error with the other.
-# (key, backend that reads it, default, what to use instead with the other backend)
-BACKEND_ONLY: list[tuple[str, str, Any, str]] = [
-    *[(k, "megatron", d, "") for k, d in (
-        ("tensor_model_parallel_size", 1), ("pipeline_model_parallel_size", 1), ("expert_model_parallel_size", 1),
-        ("expert_tensor_parallel_size", None), ("sequence_parallel", False), ("moe_permute_fusion", False),
-        ("moe_unpermute_dtype", "fp32"), ("moe_aux_loss_coeff", 0.0), ("moe_router_bias_update_rate", 0.0),
-        ("moe_router_dtype", "fp32"))],
-    ("recompute_granularity", "megatron", None, "; with fsdp use models.policy_trainer.gradient_checkpointing=True"),
-    ("gradient_checkpointing", "fsdp", False, "; with megatron use models.policy_trainer.recompute_granularity=full"),
-    ("ulysses_sequence_parallel_size", "fsdp", 1, "; with megatron use models.policy_trainer.sequence_parallel"),
-    ("attn_implementation", "fsdp", "sdpa", " (megatron runs packed rows through FlashAttention's varlen kernel)"),
-    ("torch_compile", "fsdp", False, ""),
-    ("ref_offload", "fsdp", False, ""),
+# Keys that apply only to some engines, backends or modes. Set to anything but the default where
+# it does not apply, a key would be accepted and ignored: that is an error instead.
+# (dotted key, does it apply to this config?, where it applies and why)
+def _backend_is(backend: str) -> Callable[[RLConfig], bool]:
+    return lambda c: c.models.policy_trainer.backend == backend
+
+
+APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
+    # keys that one trainer backend reads
+    *[(f"models.policy_trainer.{k}", _backend_is("megatron"), "with models.policy_trainer.backend=megatron")
+      for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                "expert_tensor_parallel_size", "sequence_parallel", "moe_permute_fusion", "moe_unpermute_dtype",
+                "moe_aux_loss_coeff", "moe_router_bias_update_rate", "moe_router_dtype")],
+    ("models.policy_trainer.recompute_granularity", _backend_is("megatron"),
+     "with models.policy_trainer.backend=megatron; with fsdp use models.policy_trainer.gradient_checkpointing=True"),
+    ("models.policy_trainer.gradient_checkpointing", _backend_is("fsdp"),
+     "with models.policy_trainer.backend=fsdp; with megatron use models.policy_trainer.recompute_granularity=full"),
+    ("models.policy_trainer.ulysses_sequence_parallel_size", _backend_is("fsdp"),
+     "with models.policy_trainer.backend=fsdp; with megatron use models.policy_trainer.sequence_parallel"),
+    ("models.policy_trainer.attn_implementation", _backend_is("fsdp"),
+     "with models.policy_trainer.backend=fsdp (megatron runs packed rows through FlashAttention's varlen kernel)"),
+    *[(f"models.policy_trainer.{k}", _backend_is("fsdp"), "with models.policy_trainer.backend=fsdp")
+      for k in ("torch_compile", "ref_offload")],
+    # keys of one engine or mode
+    ("models.policy.gpu_memory_utilization", lambda c: c.models.policy.engine == "vllm",
+     "with models.policy.engine=vllm (the built-in engine sizes its KV cache per batch)"),
+    ("runtime_args.train_micro_batch_size", lambda c: not c.models.policy_trainer.packing,
+     "with models.policy_trainer.packing=False (packed micro-batches are sized by "
+     "models.policy_trainer.max_token_in_packing)"),
+    ("models.policy_trainer.max_token_in_packing", lambda c: c.models.policy_trainer.packing,
+     "with models.policy_trainer.packing=True (padded micro-batches hold runtime_args.train_micro_batch_size "
+     "samples)"),
+    ("models.policy_trainer.ref_offload", lambda c: c.models.policy_trainer.kl_coef > 0,
+     "with models.policy_trainer.kl_coef > 0 (only the KL term uses a reference model)"),
+    ("models.policy_trainer.save_hf", lambda c: c.runtime_args.save_episode_interval > 0,
+     "with runtime_args.save_episode_interval > 0 (the HF directory is written into each checkpoint)"),
+    ("runtime_args.logprob_diff_threshold", lambda c: c.runtime_args.agreement_samples > 0,
+     "with runtime_args.agreement_samples > 0 (0 turns the agreement check off)"),
+    *[(f"models.policy_trainer.optimizer.{k}",
+       lambda c: c.models.policy_trainer.optimizer.lr_decay_style != "constant",
+       "with models.policy_trainer.optimizer.lr_decay_style=linear or cosine (a constant LR has no decay)")
+      for k in ("lr_decay_iters", "min_lr")],
 ]
+
+# Keys that left the run config, with where their setting lives now.
+MOVED = {
+    "runtime_args.grpc_max_message_mb": "the gRPC message limit is a deployment setting that every sender and "
+                                        "receiver must share: start every service with --max-message-mb "
+                                        "(or RLGRID_GRPC_MAX_MESSAGE_MB)",
+}
 
 # Accepted by the schema but not implemented yet: delete a row when its feature lands.
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
@@ -291,10 +358,6 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
         errors.append(f"models.policy.top_p={pol.top_p} / models.policy.top_k={pol.top_k} are not supported with "
                       "models.policy.engine=vllm (its logprobs would be those of the filtered distribution, "
                       "which the trainer's cannot match); use models.policy.top_p=1.0 and models.policy.top_k=-1")
-    errors += [f"models.policy_trainer.{k}={_get(cfg, 'models.policy_trainer.' + k)!r} applies only to "
-               f"models.policy_trainer.backend={b}, not {tr.backend}{instead}"
-               for k, b, default, instead in BACKEND_ONLY
-               if tr.backend != b and _get(cfg, "models.policy_trainer." + k) != default]
     if tr.sequence_parallel and tr.tensor_model_parallel_size == 1:
         errors.append("models.policy_trainer.sequence_parallel=True splits the sequence over tensor-parallel ranks; "
                       "it needs models.policy_trainer.tensor_model_parallel_size > 1")
@@ -307,12 +370,23 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
     return errors
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _validate(cfg: RLConfig) -> None:
-    """Ranges first (later checks divide by them), then cross-field, then NOT_IMPLEMENTED."""
-    errors = [f"{k}{_shown(_get(cfg, k))} is invalid; must be {desc}"
-              for k, ok, desc in _RANGES if not ok(_get(cfg, k))]
+    """Ranges first (later checks divide by them), then cross-field, then keys set where they do not
+    apply (APPLIES_ONLY), then NOT_IMPLEMENTED."""
+    errors = [f"{k} is invalid; must be a finite number"
+              for k in _leaf_types() if not _finite(_get(cfg, k))]
+    errors += [f"{k}{_shown(_get(cfg, k))} is invalid; must be {desc}"
+               for k, ok, desc in _RANGES if _finite(_get(cfg, k)) and not ok(_get(cfg, k))]
     if not errors:
         errors = _consistency_errors(cfg)
+    if not errors:
+        defaults = RLConfig()
+        errors = [f"{k} is set but applies only {where}; remove it (the default is {_get(defaults, k)!r})"
+                  for k, applies, where in APPLIES_ONLY if _get(cfg, k) != _get(defaults, k) and not applies(cfg)]
     if not errors:
         backend = cfg.models.policy_trainer.backend
         errors = [msg.format(key=k, value=_get(cfg, k), backend=backend)
@@ -438,10 +512,13 @@ def load_config(yaml_text: str | None = None, overrides: Sequence[str] = (), *,
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                yaml_text = f.read()
+                yaml_text = f.read(MAX_CONFIG_CHARS + 1)
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {path!r}: {getattr(e, 'strerror', None) or 'not UTF-8'}"
                               ) from None
+    if len(yaml_text or "") > MAX_CONFIG_CHARS or sum(len(o) for o in overrides) > MAX_CONFIG_CHARS:
+        raise ConfigError(f"the config (YAML and overrides) may hold at most {MAX_CONFIG_CHARS} characters each; "
+                          f"a run config is a few KiB")
     source = source or path or "config text"
     if yaml_text is not None:
         layers.append((source, *_parse_yaml(yaml_text, source)))

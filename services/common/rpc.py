@@ -3,6 +3,7 @@ deliberate message limits; channels that carry the auth token (and a worker's se
 configured; errors mapped to status codes. docs/security.md describes the model."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import inspect
@@ -10,6 +11,7 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -23,9 +25,16 @@ log = logging.getLogger(__name__)
 AUTH_ENV = "RLGRID_AUTH_TOKEN"
 # The secret a worker accepts steering calls with travels in this metadata key (docs/security.md).
 WORKER_SECRET_KEY = "x-rlgrid-worker-secret"
-# gRPC's 4 MiB default is too small for a step's samples; batches above this are refused
-# by the sender with an error naming runtime_args.grpc_max_message_mb.
-DEFAULT_MAX_MESSAGE_MB = int(os.environ.get("RLGRID_GRPC_MAX_MESSAGE_MB", "64"))
+# gRPC's 4 MiB default is too small for a step's samples. The limit is one deployment setting
+# (--max-message-mb, or this variable) that every service starts with and reports in GetInfo: the
+# coordinator sends at most the smallest of its own and the receiver's, and names the setting.
+MAX_MESSAGE_ENV = "RLGRID_GRPC_MAX_MESSAGE_MB"
+DEFAULT_MAX_MESSAGE_MB = int(os.environ.get(MAX_MESSAGE_ENV, "64"))
+# A streaming call holds one server thread for as long as it is open (sync gRPC). At most this
+# many are open at once per server, so unary calls (registration, health, control) always find a
+# thread; past the bound a stream is answered RESOURCE_EXHAUSTED.
+DEFAULT_MAX_WORKERS = 16
+DEFAULT_MAX_STREAMS = 8
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_ERROR_CHARS = 2000
 
@@ -53,6 +62,14 @@ class FailedPrecondition(RpcError):
 
 class PermissionDenied(RpcError):
     code = grpc.StatusCode.PERMISSION_DENIED
+def add_limit_args(parser) -> None:
+    """The command-line flags of Server's limits, shared by the three services."""
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help=f"largest gRPC message sent or received, MiB (default ${MAX_MESSAGE_ENV} or 64); "
+                             f"the coordinator uses the smallest of its own and each worker's")
+    parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
+                        help="streaming calls (WatchRun, Generate, Train, ...) open at once; more are answered "
+                             "RESOURCE_EXHAUSTED")
 
 
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
@@ -75,6 +92,8 @@ def handle_errors(method: Callable) -> Callable:
     serving either way.
     """
     def fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            return   # the call was cancelled (by its caller, or by time_limit) while reading its requests
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method.__qualname__)
@@ -118,6 +137,17 @@ def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: s
 def _same(given: str | None, expected: str) -> bool:
     """Constant-time comparison: the time taken says nothing about how much of a secret matched."""
     return hmac.compare_digest((given or "").encode(), expected.encode())
+@contextlib.contextmanager
+def time_limit(context: grpc.ServicerContext, seconds: float):
+    """Cancels the call if the block still runs after `seconds`: a caller that sends or reads a stream
+    too slowly (or not at all) cannot hold a stream slot, and its thread, for longer than that."""
+    timer = threading.Timer(seconds, context.cancel)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -213,17 +243,78 @@ def set_client_tls(tls: ClientTLS | None) -> None:
     _client_tls = tls
 
 
+class _StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Admits at most `limit` streaming calls (either direction) at once; the next one is answered
+    RESOURCE_EXHAUSTED at once instead of waiting for a thread. Unary calls pass untouched."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
+        if not self._slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{method}: this server already serves {self.limit} open streams (its --max-streams); "
+                          f"close one or retry later")
+        released = threading.Event()
+
+        def release() -> None:   # once, when the call ends for any reason (finished, cancelled, deadline)
+            if not released.is_set():
+                released.set()
+                self._slots.release()
+        if not context.add_callback(release):
+            release()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        admit = self._admit
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            def stream_stream(request_iterator, context):
+                admit(context, method)
+                yield from inner(request_iterator, context)
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator, context):
+                admit(context, method)
+                return inner_su(request_iterator, context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        inner_us = handler.unary_stream
+
+        def unary_stream(request, context):
+            admit(context, method)
+            yield from inner_us(request, context)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+
+
 class Server:
     """A started gRPC server with reflection and grpc.health.v1, serving on `port`.
 
     Beyond loopback it refuses to start without an auth token unless `insecure_no_auth` (which logs a
     warning). `tls` serves TLS (mutual with `tls.client_ca`). `worker_secret` guards every method of
-    the registered services except `open_methods` (full method names): a worker's steering calls."""
+    the registered services except `open_methods` (full method names): a worker's steering calls.
+    `max_message_mb` bounds every message it receives or sends; `max_streams` bounds the streaming
+    calls open at once (each holds one of the `max_workers` threads), so streams can never take the
+    threads that registration, health checks and control calls need."""
 
     def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "localhost",
-                 port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = 16,
-                 auth_token: str | None = None, tls: ServerTLS | None = None, insecure_no_auth: bool = False,
-                 worker_secret: str | None = None, open_methods: Iterable[str] = ()):
+                 port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = DEFAULT_MAX_WORKERS,
+                 max_streams: int = DEFAULT_MAX_STREAMS, auth_token: str | None = None, tls: ServerTLS | None = None,
+                 insecure_no_auth: bool = False, worker_secret: str | None = None, open_methods: Iterable[str] = ()):
+        if not 1 <= max_message_mb <= 2047:   # gRPC's limits are int32 bytes
+            raise ValueError(f"--max-message-mb must be between 1 and 2047, got {max_message_mb}")
+        if not 1 <= max_streams < max_workers:
+            raise ValueError(f"--max-streams must be between 1 and {max_workers - 1} (the server's threads minus "
+                             f"one, so unary calls always find a thread), got {max_streams}")
         token = os.environ.get(AUTH_ENV) if auth_token is None else auth_token
         registrations = list(registrations)
         if not is_loopback(host):
@@ -237,10 +328,12 @@ class Server:
             elif tls is None:
                 log.warning("serving on %s:%s without TLS: the bearer token crosses the network in clear "
                             "(--tls-cert/--tls-key)", host, port)
-        interceptors = []
+        interceptors: list[grpc.ServerInterceptor] = []
         if token or worker_secret is not None:
             interceptors.append(_AuthInterceptor(token, worker_secret, [name for _, _, name in registrations],
                                                  open_methods))
+        interceptors.append(_StreamLimitInterceptor(max_streams))   # last: only calls that passed auth take a slot
+        self.max_message_mb = max_message_mb
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                 options=channel_options(max_message_mb), interceptors=interceptors)
         names = []

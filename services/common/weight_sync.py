@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from rlgrid.v1 import common_pb2 as pb
+from services.common.rpc import FailedPrecondition, InvalidArgument
 from services.common.tensors import torch_dtype, wire_dtype
 
 _ALIGN = 64  # byte offset alignment inside a bucket, so any dtype view of a slice is aligned
@@ -225,13 +226,53 @@ def choose_backend(trainer, replicas: list) -> tuple[str, str]:
     return "nccl", ""
 
 
+# Bounds of a plan's fields: anything outside is refused before a member acts on it.
+MAX_WORLD_SIZE = 4096
+MAX_BUCKET_BYTES = 16 << 30
+MAX_TIMEOUT_S = 86400
+MAX_GROUP_ID_CHARS = 128
+
+
+def check_plan(plan: pb.WeightSyncPlan) -> None:
+    """Refuses a plan with a field out of range (InvalidArgument naming it); checks nothing about the
+    member's own model (each member compares `params` with its own)."""
+    problems = []
+    if not 0 < len(plan.group_id) <= MAX_GROUP_ID_CHARS:
+        problems.append(f"group_id must have 1 to {MAX_GROUP_ID_CHARS} characters")
+    if (plan.transport or "broadcast") not in TRANSPORTS:
+        problems.append(f"transport must be one of {sorted(TRANSPORTS)}")
+    if plan.backend not in ("nccl", "gloo"):
+        problems.append("backend must be 'nccl' or 'gloo'")
+    if not plan.rendezvous_host or not 0 < plan.rendezvous_port < 65536:
+        problems.append("rendezvous_host must be set and rendezvous_port in [1, 65535]")
+    if not 2 <= plan.world_size <= MAX_WORLD_SIZE:
+        problems.append(f"world_size must be in [2, {MAX_WORLD_SIZE}] (the sender and at least one replica)")
+    if not 0 <= plan.rank < max(plan.world_size, 1):
+        problems.append("rank must be in [0, world_size)")
+    if not 0 < plan.bucket_bytes <= MAX_BUCKET_BYTES:
+        problems.append(f"bucket_bytes must be in [1, {MAX_BUCKET_BYTES}] (runtime_args.weight_sync_bucket_mb)")
+    if not 0 < plan.timeout_s <= MAX_TIMEOUT_S:
+        problems.append(f"timeout_s must be in [1, {MAX_TIMEOUT_S}] (runtime_args.rpc_timeout_s.weight_sync)")
+    if not plan.params:
+        problems.append("params is empty")
+    if problems:
+        raise InvalidArgument("weight-sync plan refused: " + "; ".join(problems))
+
+
 def connect(plan: pb.WeightSyncPlan, device: torch.device) -> WeightTransport:
-    """Joins the group described by `plan` (blocks until every member joined)."""
+    """Joins the group described by `plan` (blocks until every member joined, at most plan.timeout_s).
+    A rendezvous that cannot be reached, or members that do not all join, is FailedPrecondition.
+    Services check a plan they are handed with `check_plan` first."""
     try:
         cls = TRANSPORTS[plan.transport or "broadcast"]
     except KeyError:
         raise ValueError(f"unknown weight-sync transport {plan.transport!r}; known: {sorted(TRANSPORTS)}") from None
-    return cls(plan, device)
+    try:
+        return cls(plan, device)
+    except (RuntimeError, TimeoutError) as exc:   # torch's DistNetworkError / DistStoreError are RuntimeErrors
+        raise FailedPrecondition(f"could not join weight-sync group {plan.group_id!r} at {plan.rendezvous_host}:"
+                                 f"{plan.rendezvous_port} as rank {plan.rank} of {plan.world_size} within "
+                                 f"{plan.timeout_s} s: {type(exc).__name__}") from exc
 
 
 def check_plan_secret(plan: pb.WeightSyncPlan) -> None:

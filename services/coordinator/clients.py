@@ -1,11 +1,16 @@
 """The coordinator's view of its workers: fan-out generation with retries across rollout replicas,
-and the trainer's RPCs. Retries live here, beside the loop, not in it."""
+and the trainer's RPCs. Retries and deadlines live here, beside the loop, not in it.
+
+Every call has a deadline (runtime_args.rpc_timeout_s.*); a worker that fails or stops answering
+raises StepError naming the worker, the call and, on a deadline, the key that set it.
+"""
 from __future__ import annotations
 
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import torch
@@ -15,14 +20,20 @@ from rlgrid.v1 import rollout_pb2 as rpb
 from rlgrid.v1 import rollout_pb2_grpc, trainer_pb2_grpc
 from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches
-from services.common.rpc import make_channel
+from services.common.config import RpcTimeouts
+from services.common.rpc import MAX_MESSAGE_ENV, make_channel
 from services.common.tensors import from_wire, ids_to_wire
 
 log = logging.getLogger(__name__)
 
 
 class StepError(RuntimeError):
-    """A step cannot complete; the message says why and what to change."""
+    """A step cannot complete; the message says why and what to change. `metrics` holds what the
+    step measured before it failed (e.g. the agreement check's difference), reported with the failure."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 @dataclass
@@ -44,34 +55,87 @@ def decode_sample(msg: pb.Sample) -> GenSample:
                      finish_reason=msg.finish_reason, version=msg.policy_version, replica=msg.replica)
 
 
-class Rollout:
-    def __init__(self, address: str, max_message_mb: int, secret: str = ""):
-        self.address = address
-        channel = make_channel(address, max_message_mb=max_message_mb, worker_secret=secret or None)
-        self.stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+def describe_failure(worker: str, method: str, exc: grpc.RpcError, timeout: float, key: str) -> str:
+    """What went wrong with one call, naming the worker (and the deadline's key when it ran out)."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (f"{worker} did not answer {method} within {timeout:g} s (runtime_args.rpc_timeout_s.{key}): "
+                f"it is hung, overloaded or unreachable")
+    return f"{worker}: {method} failed: {exc.code().name}: {exc.details()}"
+
+
+class Worker:
+    """One trainer or rollout service: a stub whose calls all carry a deadline and whose errors name it.
+    The message limit is the smallest of the coordinator's and the worker's own (learnt from GetInfo)."""
+
+    kind = "worker"
+    stub_class: Callable = None
+
+    def __init__(self, address: str, *, max_message_mb: int, timeouts: RpcTimeouts, secret: str = ""):
+        """`secret`: the worker's secret (from its registration), sent with every call."""
+        self.address, self.timeouts, self.secret = address, timeouts, secret or None
+        self.max_message_mb = max_message_mb
+        self.stub = self._stub()
+
+    def _stub(self):
+        return self.stub_class(make_channel(self.address, max_message_mb=self.max_message_mb,
+                                            worker_secret=self.secret))
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.address}"
+
+    def call(self, method: str, request, key: str = "control"):
+        timeout = getattr(self.timeouts, key)
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise StepError(describe_failure(self.name, method, exc, timeout, key)) from exc
+
+    def handshake(self):
+        """GetInfo; narrows the message limit to the worker's when that is smaller. Returns the info."""
+        info = self.call("GetInfo", pb.Empty())
+        if 0 < info.max_message_mb < self.max_message_mb:
+            log.info("%s accepts messages up to %d MiB: the coordinator sends no more to it", self.name,
+                     info.max_message_mb)
+            self.max_message_mb = info.max_message_mb
+            self.stub = self._stub()
+        return info
+
+
+class Rollout(Worker):
+    kind = "rollout replica"
+    stub_class = rollout_pb2_grpc.RolloutServiceStub
 
 
 class RolloutPool:
-    """Every registered rollout replica; prompts are spread evenly across them."""
+    """Every registered rollout replica; prompts are spread evenly across them. One Generate call asks
+    for at most `max_sequences` samples (runtime_args.sample_per_episode, the bound replicas enforce)."""
 
-    def __init__(self, addresses: list[str], *, max_message_mb: int, retries: int,
+    def __init__(self, addresses: list[str], *, max_message_mb: int, retries: int, timeouts: RpcTimeouts,
+                 max_sequences: int, report: Callable[[str], None] = log.warning,
                  secrets: dict[str, str] | None = None):
         """`secrets`: each replica's worker secret (from its registration), sent with every call."""
         if not addresses:
             raise StepError("no rollout service is registered; start one with --coordinator pointing here")
-        self.replicas = [Rollout(a, max_message_mb, (secrets or {}).get(a, "")) for a in addresses]
-        self.retries = retries
+        self.replicas = [Rollout(a, max_message_mb=max_message_mb, timeouts=timeouts, secret=(secrets or {}).get(a, ""))
+                         for a in addresses]
+        self.retries, self.timeouts, self.max_sequences = retries, timeouts, max_sequences
+        self.report = report
         self.discarded = 0   # samples of groups cut short by a failed replica (reported, then regenerated)
 
-    def call_all(self, method: str, request, timeout: float | None = None) -> list:
+    def call_all(self, method: str, request, key: str = "control") -> list:
         """Calls `method` on every replica concurrently; raises the first failure after all return."""
         with ThreadPoolExecutor(len(self.replicas)) as pool:
-            futures = [pool.submit(getattr(r.stub, method), request, timeout=timeout) for r in self.replicas]
+            futures = [pool.submit(r.call, method, request, key) for r in self.replicas]
             return [f.result() for f in futures]
 
+    def handshake(self) -> list:
+        with ThreadPoolExecutor(len(self.replicas)) as pool:
+            return list(pool.map(Rollout.handshake, self.replicas))
+
     def generate(self, prompts: list[list[int]], sampling: pb.SamplingParams, n: int, tag: str) -> list[GenSample]:
-        """n samples for every prompt, grouped by prompt; a replica that fails mid-stream has its
-        unfinished groups regenerated on the others (up to `retries` times)."""
+        """n samples for every prompt, grouped by prompt; a replica that fails mid-stream (or misses
+        its deadline) has its unfinished groups regenerated on the others (up to `retries` times)."""
         done: dict[int, list[GenSample]] = {}
         todo = list(range(len(prompts)))
         healthy = list(self.replicas)
@@ -89,8 +153,8 @@ class RolloutPool:
                         else:
                             self.discarded += len(samples)
                     if error is not None:
-                        log.warning("rollout %s failed (%s); %s", replica.address, error,
-                                    "retrying its prompts elsewhere" if attempt < self.retries else "no retries left")
+                        self.report(f"{error}; " + ("retrying its prompts elsewhere" if attempt < self.retries
+                                                    else "no retries left"))
                         failed.append((replica, error))
             todo = [g for g in range(len(prompts)) if g not in done]
             dead = {f[0] for f in failed}
@@ -105,64 +169,67 @@ class RolloutPool:
         """Forgets failed replicas (never the last one); the weight sync then rebuilds its group."""
         keep = [r for r in self.replicas if r not in replicas]
         if keep and len(keep) < len(self.replicas):
-            log.warning("dropping rollout replicas %s", [r.address for r in self.replicas if r not in keep])
+            self.report(f"dropping rollout replicas {[r.address for r in self.replicas if r not in keep]} "
+                        f"from this run; {len(keep)} left")
             self.replicas = keep
 
-    def unreachable(self, timeout: float = 5.0) -> list[Rollout]:
+    def unreachable(self) -> list[Rollout]:
+        """Replicas that do not answer GetInfo within runtime_args.rpc_timeout_s.control."""
         dead = []
         for r in self.replicas:
             try:
-                r.stub.GetInfo(pb.Empty(), timeout=timeout)
-            except grpc.RpcError:
+                r.call("GetInfo", pb.Empty())
+            except StepError:
                 dead.append(r)
         return dead
 
-    @staticmethod
-    def _generate_on(replica: Rollout, shard: list[int], prompts, sampling, n, tag):
-        request = rpb.GenerateRequest(sampling=sampling, n=n, prompts=[
-            rpb.Prompt(group_id=f"{tag}-{g}", prompt_ids=ids_to_wire(prompts[g])) for g in shard])
+    def _generate_on(self, replica: Rollout, shard: list[int], prompts, sampling, n, tag):
+        """Generates the shard's groups on one replica, at most max_sequences samples per call."""
         groups: dict[int, list[GenSample]] = {}
-        try:
-            for msg in replica.stub.Generate(request):
-                s = decode_sample(msg)
-                groups.setdefault(s.group, []).append(s)
-        except grpc.RpcError as exc:
-            return groups, f"{exc.code().name}: {exc.details()}"
+        per_call = max(1, self.max_sequences // n)
+        timeout = self.timeouts.generate
+        for start in range(0, len(shard), per_call):
+            request = rpb.GenerateRequest(sampling=sampling, n=n, prompts=[
+                rpb.Prompt(group_id=f"{tag}-{g}", prompt_ids=ids_to_wire(prompts[g]))
+                for g in shard[start: start + per_call]])
+            try:
+                for msg in replica.stub.Generate(request, timeout=timeout):
+                    s = decode_sample(msg)
+                    groups.setdefault(s.group, []).append(s)
+            except grpc.RpcError as exc:
+                return groups, describe_failure(replica.name, "Generate", exc, timeout, "generate")
         return groups, None
 
 
-class TrainerClient:
-    def __init__(self, address: str, max_message_mb: int, secret: str = ""):
-        """`secret`: the trainer's worker secret (from its registration), sent with every call."""
-        self.address = address
-        self.max_bytes = max_message_mb * 1024 * 1024
-        channel = make_channel(address, max_message_mb=max_message_mb, worker_secret=secret or None)
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+class TrainerClient(Worker):
+    kind = "trainer"
+    stub_class = trainer_pb2_grpc.TrainerServiceStub
 
     def _encode(self, mb: batches.MicroBatch) -> pb.PackedBatch:
         msg = batches.to_proto(mb)
-        if msg.ByteSize() > self.max_bytes:
+        if msg.ByteSize() > self.max_message_mb << 20:
             raise StepError(f"a packed micro-batch of {mb.num_tokens} tokens is {msg.ByteSize()} bytes, over the "
-                            f"gRPC limit runtime_args.grpc_max_message_mb={self.max_bytes >> 20}; lower "
-                            f"models.policy_trainer.max_token_in_packing or raise the limit")
+                            f"gRPC message limit of {self.max_message_mb} MiB (the smaller of the coordinator's and "
+                            f"{self.name}'s --max-message-mb / {MAX_MESSAGE_ENV}); lower "
+                            f"models.policy_trainer.max_token_in_packing or start both with a larger limit")
         return msg
 
     def train(self, micro_batches: list[batches.MicroBatch]) -> dict[str, float]:
         encoded = [self._encode(mb) for mb in micro_batches]   # refuse before anything is sent
-        reply = self.stub.Train(iter(encoded))
+        reply = self.call("Train", iter(encoded), "train")
         return dict(reply.values)
 
     def logprobs(self, mb: batches.MicroBatch) -> torch.Tensor:
-        return from_wire(self.stub.ComputeLogProbs(self._encode(mb)).logprobs, "logprobs")
+        return from_wire(self.call("ComputeLogProbs", self._encode(mb), "logprobs").logprobs, "logprobs")
 
     def save_checkpoint(self, path: str, episode: int, data_position: int) -> None:
         extra = {"episode": episode, "data_position": data_position}
-        self.stub.SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json=json.dumps(extra)))
+        self.call("SaveCheckpoint", tpb.CheckpointRequest(path=path, extra_json=json.dumps(extra)), "checkpoint")
 
     def export_hf(self, path: str) -> None:
-        self.stub.ExportHF(tpb.CheckpointRequest(path=path))
+        self.call("ExportHF", tpb.CheckpointRequest(path=path), "checkpoint")
 
     def load_checkpoint(self, path: str) -> tuple[int, dict]:
         """(optimizer steps, what save_checkpoint stored) of the checkpoint now loaded."""
-        reply = self.stub.LoadCheckpoint(tpb.CheckpointRequest(path=path))
+        reply = self.call("LoadCheckpoint", tpb.CheckpointRequest(path=path), "checkpoint")
         return reply.step, json.loads(reply.extra_json or "{}")

@@ -1,5 +1,6 @@
-"""The GRPO loop, start to end of a run. Every step is one call into a named module; retries
-(clients.py), persistence (runs.py) and metrics (steps.py) live beside it."""
+"""The GRPO loop, start to end of a run. Every step is one call into a named module; retries and
+deadlines (clients.py), persistence (runs.py), reward time limits (reward_pool.py) and metrics
+(steps.py) live beside it."""
 from __future__ import annotations
 
 import os
@@ -7,12 +8,13 @@ from dataclasses import dataclass
 
 from services.common.config import RLConfig
 from services.coordinator.advantages import group_normalized_advantages
-from services.coordinator.clients import RolloutPool, StepError, TrainerClient
+from services.coordinator.clients import RolloutPool, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
-from services.coordinator.rewards import get_reward
+from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import Run
 from services.coordinator.steps import (
     Timer,
+    check_versions,
     encode_prompts,
     logprob_agreement,
     optimizer_steps,
@@ -32,6 +34,7 @@ class RunContext:
     trainer: TrainerClient
     rollouts: RolloutPool
     sync: WeightSync
+    reward: RewardPool
 
 
 def run_grpo(ctx: RunContext) -> None:
@@ -47,7 +50,7 @@ def run_grpo(ctx: RunContext) -> None:
         run.log(f"resumed from {ra.resume_from}: episode {done}, policy version {version}")
     sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle,
                             position=position)
-    reward = get_reward(cfg.models.reward.name)
+    run.log(ctx.reward.describe())
     ctx.sync.sync(version)                      # every replica starts from the trainer's weights
 
     for step in range(done + 1, ra.num_episode + 1):
@@ -57,21 +60,19 @@ def run_grpo(ctx: RunContext) -> None:
         with timer("rollout"):
             samples = ctx.rollouts.generate([prompts.ids[r.index] for r in records],
                                             sampling_params(cfg, seed=ra.seed * 100_003 + step), n, tag=str(step))
-        if any(s.version != version for s in samples):
-            raise StepError(f"samples of step {step} carry versions {sorted({s.version for s in samples})}, "
-                            f"expected {version} (a replica missed a weight sync)")
+        check_versions(samples, version, step)
         with timer("agreement"):
             agreement = logprob_agreement(ctx.trainer, samples, k=ra.agreement_samples,
                                           threshold=ra.logprob_diff_threshold, temperature=cfg.models.policy.temperature)
         with timer("reward"):
-            rewards = score(reward, ctx.tokenizer, samples, records)
+            rewards, reward_timeouts = score(ctx.reward, ctx.tokenizer, samples, records)
         advantages = group_normalized_advantages(rewards, n)
         with timer("train"):
             train = [ctx.trainer.train(mbs) for mbs in optimizer_steps(to_sequences(samples, advantages), cfg, step)]
         version += len(train)
         with timer("sync"):
             synced = ctx.sync.sync(version)
-        run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer,
+        run.record_step(step, step_metrics(samples, rewards, reward_timeouts, train, agreement, synced, timer,
                                            ctx.rollouts.discarded))
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
             checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import threading
 from typing import Callable
 
 try:
@@ -33,8 +32,6 @@ RewardFn = Callable[[str, str], float]
 TOY_ECHO_LENGTH = 8
 """Number of leading response words scored by ``toy_echo``; the ideal response
 repeats the ground-truth word this many times."""
-
-_MATH_VERIFY_TIMEOUT_S = 5
 
 _REGISTRY: dict[str, RewardFn] = {}
 
@@ -188,18 +185,17 @@ def _numbers_equal(a: str, b: str) -> bool:
 
 
 def _math_verify_equal(expected: str, predicted: str) -> bool:
-    """Symbolic comparison with ``math_verify``.
+    """Symbolic comparison with ``math_verify``, with its own timeout off.
 
-    ``math_verify`` enforces its timeout with ``signal.alarm``, which only
-    works in the main thread; elsewhere (e.g. a gRPC worker thread) it runs
-    without a timeout. The inputs are already-extracted short answers.
+    ``math_verify`` enforces its timeout with ``signal.alarm``, which works
+    only in a process's main thread and cannot interrupt C code holding the
+    GIL (sympy evaluating ``9^{9^{9^{9}}}``). The coordinator bounds every
+    sample instead, by scoring in worker processes it kills past
+    ``models.reward.timeout_s`` (``services/coordinator/reward_pool.py``).
     """
-    timeout = (
-        _MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    )
-    gold = _mv_parse(f"${expected}$", parsing_timeout=timeout)
-    pred = _mv_parse(f"${predicted}$", parsing_timeout=timeout)
-    return bool(gold and pred and _mv_verify(gold, pred, timeout_seconds=timeout))
+    gold = _mv_parse(f"${expected}$", parsing_timeout=None)
+    pred = _mv_parse(f"${predicted}$", parsing_timeout=None)
+    return bool(gold and pred and _mv_verify(gold, pred, timeout_seconds=None))
 
 
 def _answers_match(predicted: str, expected: str) -> bool:

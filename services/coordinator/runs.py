@@ -76,6 +76,19 @@ class Run:
             self.error = error or self.error
             self._set_state(state, message or error)
 
+    def fail(self, error: str, metrics: dict[str, float] | None = None) -> None:
+        """FAILED with `error`; `metrics` the failing step measured before it failed (e.g. the agreement
+        check's difference) go into last_metrics, the FAILED event and the listeners (Prometheus)."""
+        metrics = dict(metrics or {})
+        with self.cond:
+            self.error, self.state = error, cpb.FAILED
+            self.last_metrics.update(metrics)
+            self._event(message=error, metrics=metrics)
+            self.persist()
+        if metrics:
+            for listener in self.listeners:
+                listener(self, self.step, metrics)
+
     # ---- internals ----------------------------------------------------------------------------
     def _set_state(self, state: int, message: str) -> None:
         self.state = state

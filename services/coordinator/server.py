@@ -24,19 +24,22 @@ from services.common.logs import setup_logging
 from services.common.models import load_tokenizer
 from services.common.paths import add_root_args, roots_from_args
 from services.common.rpc import (
+    DEFAULT_MAX_MESSAGE_MB,
     FailedPrecondition,
     InsecureServer,
     InvalidArgument,
     NotFound,
     Server,
+    add_limit_args,
     handle_errors,
 )
 from services.common.security import Transport, add_security_args, transport_from_args
 from services.common.weight_sync import Rendezvous
 from services.coordinator import metrics
-from services.coordinator.clients import RolloutPool, TrainerClient
+from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.confine import DEFAULT_CONFIG_DIR, RunRoots, confine_run, read_config
 from services.coordinator.loop import RunContext, run_grpo
+from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
 from services.coordinator.sync import WeightSync
 from services.coordinator.workers import WorkerRegistry
@@ -47,8 +50,10 @@ log = logging.getLogger("coordinator")
 class Scheduler:
     """Runs pending runs one after another once a trainer and a rollout replica are registered."""
 
-    def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous):
+    def __init__(self, store: RunStore, workers: WorkerRegistry, rendezvous: Rendezvous, *,
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB):
         self.store, self.workers, self.rendezvous = store, workers, rendezvous
+        self.max_message_mb = max_message_mb
         self.queue: queue.Queue[tuple[Run, RLConfig, object]] = queue.Queue()
         threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
 
@@ -58,8 +63,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             run, cfg, tokenizer = self.queue.get()
+            probe = cfg.runtime_args.rpc_timeout_s.control
             while run.state == cpb.PENDING and not run.stop_requested:
-                trainers, rollouts = self.workers.serving(cpb.TRAINER), self.workers.serving(cpb.ROLLOUT)
+                trainers = self.workers.serving(cpb.TRAINER, probe)   # rollouts are probed only once one answers
+                rollouts = self.workers.serving(cpb.ROLLOUT, probe) if trainers else []
                 if trainers and rollouts:
                     break
                 self.workers.changed.wait(timeout=1.0)
@@ -72,28 +79,34 @@ class Scheduler:
 
     def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str],
                  secrets: dict[str, str]) -> None:
-        ra = cfg.runtime_args
+        ra, rw = cfg.runtime_args, cfg.models.reward
         try:
             run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
-            trainer = TrainerClient(trainer_addr, ra.grpc_max_message_mb, secret=secrets[trainer_addr])
-            rollouts = RolloutPool(rollout_addrs, max_message_mb=ra.grpc_max_message_mb, retries=ra.step_retries,
-                                   secrets=secrets)
+            limits = dict(max_message_mb=self.max_message_mb, timeouts=ra.rpc_timeout_s)
+            trainer = TrainerClient(trainer_addr, **limits, secret=secrets[trainer_addr])
+            rollouts = RolloutPool(rollout_addrs, **limits, retries=ra.step_retries, max_sequences=ra.sample_per_episode,
+                                   report=run.log, secrets=secrets)
+            trainer.handshake()
+            rollouts.handshake()
             setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
-            trainer.stub.Setup(setup)
-            rollouts.call_all("Setup", setup)
-            ctx = RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer,
-                             rollouts=rollouts, sync=WeightSync(self.rendezvous, trainer, rollouts,
-                                                                bucket_mb=ra.weight_sync_bucket_mb))
-            run_grpo(ctx)
+            trainer.call("Setup", setup, "setup")
+            rollouts.call_all("Setup", setup, "setup")
+            with RewardPool(rw.name, timeout_s=rw.timeout_s, workers=rw.num_workers) as reward:
+                run_grpo(RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer, rollouts=rollouts,
+                                    sync=WeightSync(self.rendezvous, trainer, rollouts, bucket_mb=ra.weight_sync_bucket_mb),
+                                    reward=reward))
             run.set_state(cpb.FINISHED, f"finished {run.step} steps")
         except StopRequested:
             run.set_state(cpb.STOPPED, f"stopped after step {run.step}")
+        except StepError as exc:
+            log.error("run %s failed: %s", run.run_id, exc)
+            run.fail(str(exc), exc.metrics)
         except grpc.RpcError as exc:
             log.error("run %s failed: %s", run.run_id, exc.details())
-            run.set_state(cpb.FAILED, error=f"{exc.code().name}: {exc.details()}")
+            run.fail(f"{exc.code().name}: {exc.details()}")
         except Exception as exc:  # noqa: BLE001 - a failed run is reported, the coordinator keeps serving
             log.exception("run %s failed", run.run_id)
-            run.set_state(cpb.FAILED, error=f"{type(exc).__name__}: {exc}")
+            run.fail(f"{type(exc).__name__}: {exc}")
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -148,7 +161,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 events, finished = run.events[sent:], run.state in TERMINAL
             sent += len(events)
             for e in events:
-                if e["metrics"] and e["step"] < request.from_step:
+                if e["metrics"] and e["state"] not in TERMINAL and e["step"] < request.from_step:
                     continue
                 yield cpb.RunEvent(run_id=run.run_id, state=e["state"], step=e["step"], metrics=e["metrics"],
                                    message=e["message"], time=e["time"])
@@ -192,15 +205,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 def serve(port: int, *, host: str = "localhost", state_dir: str = "./output/coordinator",
           advertise_host: str = "127.0.0.1", metrics_port: int | None = None, roots: RunRoots | None = None,
-          transport: Transport = Transport()) -> tuple[Server, CoordinatorServicer]:
-    """The coordinator's gRPC server; its rendezvous store and metrics endpoint listen on `host` too."""
+          transport: Transport = Transport(), limits: dict | None = None) -> tuple[Server, CoordinatorServicer]:
+    """The coordinator's gRPC server; its rendezvous store and metrics endpoint listen on `host` too.
+    `limits`: Server's max_message_mb / max_streams (the first also bounds what runs send)."""
+    limits = limits or {}
     store, workers = RunStore(state_dir), WorkerRegistry()
     rendezvous = Rendezvous(advertise_host, bind_host=host)
-    scheduler = Scheduler(store, workers, rendezvous)
+    scheduler = Scheduler(store, workers, rendezvous,
+                          max_message_mb=limits.get("max_message_mb", DEFAULT_MAX_MESSAGE_MB))
     servicer = CoordinatorServicer(store, workers, scheduler, roots)
     server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
                       cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port,
-                    tls=transport.tls, insecure_no_auth=transport.insecure_no_auth)
+                    tls=transport.tls, insecure_no_auth=transport.insecure_no_auth, **limits)
     if metrics_port is not None:
         metrics.serve(metrics_port, host)
     log.info("coordinator on %s:%d, state in %s; weight-sync rendezvous on port %d (advertised as %s)", host,
@@ -225,6 +241,7 @@ def main() -> None:
                         help="the only directory StartRun's config_path may name a file in (default ./configs)")
     add_root_args(parser, "--output-root", "--data-root", "--model-root")
     add_security_args(parser)
+    add_limit_args(parser)
     args = parser.parse_args()
     setup_logging("coordinator")
     transport = transport_from_args(parser, args)
@@ -232,7 +249,8 @@ def main() -> None:
                      roots_from_args(args, "--model-root"))
     try:
         server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
-                          metrics_port=args.metrics_port, roots=roots, transport=transport)
+                          metrics_port=args.metrics_port, roots=roots, transport=transport,
+                          limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
     except InsecureServer as exc:
         raise SystemExit(f"coordinator: {exc}") from None
     server.wait()

@@ -19,7 +19,7 @@ from services.common.batches import (
 from services.common.config import RLConfig
 from services.coordinator.clients import GenSample, StepError, TrainerClient
 from services.coordinator.data import PromptRecord
-from services.coordinator.rewards import RewardFn
+from services.coordinator.reward_pool import RewardPool
 
 
 @dataclass
@@ -56,10 +56,22 @@ def sampling_params(cfg: RLConfig, seed: int) -> pb.SamplingParams:
                              seed=seed)
 
 
-def score(reward: RewardFn, tokenizer, samples: list[GenSample], records: list[PromptRecord]) -> torch.Tensor:
+def check_versions(samples: list[GenSample], version: int, step: int) -> None:
+    """Every sample must come from the weights just synced: one of another version is refused."""
+    stale = [s for s in samples if s.version != version]
+    if stale:
+        replicas = sorted({f"{s.replica} (version {s.version})" for s in stale})
+        raise StepError(f"step {step}: {len(stale)} samples carry another policy version than {version}, the one "
+                        f"just synced; refused. From {', '.join(replicas)}: a replica missed a weight sync "
+                        f"(e.g. it restarted with its initial weights)", {"rollout/stale_samples": float(len(stale))})
+
+
+def score(rewards: RewardPool, tokenizer, samples: list[GenSample], records: list[PromptRecord]
+          ) -> tuple[torch.Tensor, int]:
+    """Rewards of the samples, and how many timed out (scored 0)."""
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    return torch.tensor([reward(text, records[s.group].ground_truth) for text, s in zip(texts, samples)],
-                        dtype=torch.float32)
+    scores, timeouts = rewards.score([(text, records[s.group].ground_truth) for text, s in zip(texts, samples)])
+    return torch.tensor(scores, dtype=torch.float32), timeouts
 
 
 def to_sequences(samples: list[GenSample], advantages: torch.Tensor) -> list[TrainSequence]:
@@ -97,8 +109,9 @@ def logprob_agreement(trainer: TrainerClient, samples: list[GenSample], *, k: in
     diff = float((trainer.logprobs(mb) - mb.old_logprobs)[mb.loss_mask].abs().max())
     if diff > threshold:
         raise StepError(f"logprob agreement check failed: max |trainer - rollout| = {diff:.4g} over {len(chosen)} "
-                        f"samples of policy version {chosen[0].version}, above runtime_args.logprob_diff_threshold="
-                        f"{threshold}; the replicas do not serve the trainer's weights (or the dtypes differ)")
+                        f"samples of policy version {chosen[0].version} from {sorted(by_replica)}, above "
+                        f"runtime_args.logprob_diff_threshold={threshold}; the replicas do not serve the trainer's "
+                        f"weights (or the dtypes differ)", {"agreement/max_abs_diff": diff})
     return diff
 
 
@@ -113,7 +126,7 @@ class Timer:
         self.seconds[f"time/{name}"] = time.perf_counter() - start
 
 
-def step_metrics(samples: list[GenSample], rewards: torch.Tensor, train: list[dict[str, float]],
+def step_metrics(samples: list[GenSample], rewards: torch.Tensor, reward_timeouts: int, train: list[dict[str, float]],
                  agreement: float, sync: dict[str, float], timer: Timer, discarded: int) -> dict[str, float]:
     lengths = [len(s.response_ids) for s in samples]
     merged: dict[str, float] = {}
@@ -124,6 +137,7 @@ def step_metrics(samples: list[GenSample], rewards: torch.Tensor, train: list[di
              for k, v in merged.items()}
     total = sum(timer.seconds.values())
     return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "reward/timeouts": float(reward_timeouts),   # samples over models.reward.timeout_s, scored 0
             "response_length/mean": statistics.fmean(lengths), "response_length/max": float(max(lengths)),
             "response/truncated_frac": sum(s.finish_reason == pb.LENGTH for s in samples) / len(samples),
             "rollout/policy_version": float(min(s.version for s in samples)),

@@ -4,6 +4,7 @@ Abort on all if anything failed (replicas keep serving the old version)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,16 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class WeightSync:
-    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *,
-                 bucket_mb: int, timeout_s: int = 300):
+    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *, bucket_mb: int):
         self.rendezvous, self.trainer, self.rollouts = rendezvous, trainer, rollouts
         self.bucket_bytes = bucket_mb * 1024 * 1024
-        self.timeout_s = timeout_s
+        # the group's own collectives give up when the calls driving them do (rpc_timeout_s.weight_sync)
+        self.timeout_s = math.ceil(trainer.timeouts.weight_sync)
         self.group_id: str | None = None
         self._members: list = []    # the replicas the group was built for
 
     def _plan(self) -> list[pb.WeightSyncPlan]:
-        tinfo = self.trainer.stub.GetInfo(pb.Empty())
+        tinfo = self.trainer.call("GetInfo", pb.Empty())
         rinfos = self.rollouts.call_all("GetInfo", pb.Empty())
         by_name = [{p.name: (tuple(p.shape), p.dtype) for p in r.params} for r in rinfos]
         if any(b != by_name[0] for b in by_name[1:]):
@@ -52,9 +53,9 @@ class WeightSync:
 
     def _prepare(self) -> None:
         plans = self._plan()
-        members = [self.trainer.stub] + [r.stub for r in self.rollouts.replicas]
+        members = [self.trainer, *self.rollouts.replicas]
         with ThreadPoolExecutor(len(members)) as pool:
-            futures = [pool.submit(m.PrepareWeightSync, plan, timeout=self.timeout_s) for m, plan in zip(members, plans)]
+            futures = [pool.submit(m.call, "PrepareWeightSync", plan, "weight_sync") for m, plan in zip(members, plans)]
             for f in futures:
                 f.result()
         self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)
@@ -80,8 +81,8 @@ class WeightSync:
         request = pb.WeightSyncRequest(group_id=self.group_id, version=version)
         replicas = self.rollouts.replicas
         with ThreadPoolExecutor(1 + len(replicas)) as pool:
-            send = pool.submit(self.trainer.stub.SendWeights, request, timeout=self.timeout_s)
-            receives = [pool.submit(r.stub.ReceiveWeights, request, timeout=self.timeout_s) for r in replicas]
+            send = pool.submit(self.trainer.call, "SendWeights", request, "weight_sync")
+            receives = [pool.submit(r.call, "ReceiveWeights", request, "weight_sync") for r in replicas]
             errors = []
             for f in [send, *receives]:
                 try:
@@ -92,12 +93,12 @@ class WeightSync:
             self.group_id = None   # a broken collective leaves the group unusable: rebuild next time
             for r in replicas:
                 try:
-                    r.stub.AbortWeights(request, timeout=30)
-                except Exception:  # noqa: BLE001 - the replica may be the one that died
+                    r.call("AbortWeights", request)
+                except StepError:   # the replica may be the one that died
                     pass
             raise StepError(f"weight sync to version {version} failed; replicas keep their old version: {errors[0]}")
         commit_start = time.perf_counter()
-        commits = self.rollouts.call_all("CommitWeights", request, timeout=60)
+        commits = self.rollouts.call_all("CommitWeights", request, "weight_sync")
         if any(c.version != version for c in commits):
             raise StepError(f"a replica did not commit version {version}: {[c.version for c in commits]}")
         end = time.perf_counter()

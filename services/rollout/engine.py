@@ -44,6 +44,7 @@ class EngineInfo:
     params: list[ParamMeta] = field(default_factory=list)
     sync_ranks: int = 1   # ranks this replica takes in a weight-sync group (one per receiving process)
     gpu_uuids: list[str] = field(default_factory=list)   # the GPUs of those processes ([] on CPU)
+    context_length: int = 0   # most tokens (prompt + response) one sequence may hold; 0 = unknown
 
 
 class Engine(abc.ABC):
@@ -58,9 +59,11 @@ class Engine(abc.ABC):
     _transport: weight_sync.WeightTransport | None = None
 
     def join_weight_sync(self, plan: pb.WeightSyncPlan) -> None:
-        """Joins the group as `plan.rank` (.. + sync_ranks - 1); blocks until every member joined."""
+        """Joins the group as `plan.rank` (.. + sync_ranks - 1); blocks until every member joined.
+        The old group is left only once the new one is joined: a join that fails changes nothing."""
+        transport = weight_sync.connect(plan, self.device)
         self.leave_weight_sync()
-        self._transport = weight_sync.connect(plan, self.device)
+        self._transport = transport
 
     def leave_weight_sync(self) -> None:
         if self._transport is not None:

@@ -8,11 +8,17 @@ from typing import Iterable, Iterator
 import torch
 
 from services.common.batches import MicroBatch
+from services.common.config import RLConfig
 from services.common.weight_sync import ParamMeta
 
 
 class TrainerBackend(abc.ABC):
     device: torch.device   # this rank's device (rank 0's sends the weights)
+
+    @staticmethod
+    def check(cfg: RLConfig, world_size: int) -> None:
+        """Raises ValueError naming the key for whatever in `cfg` this backend cannot build, checked
+        without building (Setup calls it before it releases the current setup)."""
 
     @abc.abstractmethod
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:

@@ -24,15 +24,19 @@ log = logging.getLogger("trainer")
 _SHARED_METRICS = {"grad_norm", "lr"}
 
 
-def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
+def backend_class(cfg: RLConfig) -> type[TrainerBackend]:
     backend = cfg.models.policy_trainer.backend
     if backend == "fsdp":
         from services.trainer.backends.fsdp import FSDPBackend
-        return FSDPBackend(cfg, device)
+        return FSDPBackend
     if backend == "megatron":
         from services.trainer.backends.megatron import MegatronBackend
-        return MegatronBackend(cfg, device)
+        return MegatronBackend
     raise ValueError(f"models.policy_trainer.backend={backend!r} is not available in this trainer service")
+
+
+def build_backend(cfg: RLConfig, device: torch.device) -> TrainerBackend:
+    return backend_class(cfg)(cfg, device)
 
 
 def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1,

@@ -10,12 +10,14 @@ import os
 import threading
 import time
 
+import grpc
+
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import trainer_pb2 as tpb
 from rlgrid.v1 import trainer_pb2_grpc
 from services.common import batches, weight_sync
-from services.common.config import load_config
+from services.common.config import RLConfig, load_config
 from services.common.logs import setup_logging
 from services.common.paths import Roots, add_root_args, roots_from_args
 from services.common.rpc import (
@@ -23,8 +25,10 @@ from services.common.rpc import (
     InsecureServer,
     InvalidArgument,
     ResourceExhausted,
+    RpcError,
     Server,
     handle_errors,
+    time_limit,
 )
 from services.common.security import Transport, transport_from_args
 from services.common.tensors import to_wire
@@ -33,9 +37,15 @@ from services.trainer import checkpoint
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance
 from services.trainer.checkpoint import CheckpointRefused
-from services.trainer.ranks import TrainerRanks
+from services.trainer.ranks import TrainerRanks, backend_class
 
 log = logging.getLogger("trainer")
+
+
+class SetupAborted(RpcError):
+    """Building the new setup failed after the old one was released (two models need not fit)."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -48,6 +58,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.output_roots, self.model_roots = output_roots, model_roots
         self.device = ranks.device
         self.run_id = ""
+        self.cfg: RLConfig | None = None   # the run set up: the bounds of what Train accepts
+        self.max_message_mb = 0            # the server's, once serving (GetInfo reports it)
         self._lock = threading.Lock()  # one of Train / ComputeLogProbs / SendWeights / Setup at a time
 
     @property
@@ -67,24 +79,51 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @handle_errors
     def Setup(self, request, context):
-        cfg = load_config(request.config_yaml)   # a bad config is refused before any rank acts on it
+        # A bad config is refused before any rank acts on it: everything that can be checked without
+        # building is, and the current setup keeps serving until then.
+        cfg = load_config(request.config_yaml)
         if self.model_roots:
             self.model_roots.confine(cfg.models.policy_trainer.load, "models.policy_trainer.load")
+        backend_class(cfg).check(cfg, self.ranks.world)
         with self._lock:
             log.info("setting up %s backend for %s on %d rank(s) (run %s)", cfg.models.policy_trainer.backend,
                      cfg.models.policy_trainer.load, self.ranks.world, request.run_id)
             self._leave_weight_sync()
-            self.ranks.run("setup", request.config_yaml)   # a new run starts from fresh weights
-            self.run_id = request.run_id
+            self.cfg = None
+            try:
+                self.ranks.run("setup", request.config_yaml)   # a new run starts from fresh weights
+            except Exception as exc:  # noqa: BLE001 - the old setup is gone: not a refusal that changed nothing
+                raise SetupAborted(f"building the trainer for {cfg.models.policy_trainer.load} failed after the "
+                                   f"previous setup was released: {type(exc).__name__}: {exc}") from exc
+            self.cfg, self.run_id = cfg, request.run_id
         return self._info()
+
+    def _set_up(self) -> tuple[TrainerBackend, RLConfig, batches.BatchLimits]:
+        """The backend, the run it is set up for, and the bounds of what it accepts now."""
+        backend, cfg = self._backend(), self.cfg
+        if cfg is None:   # a Setup is under way
+            raise FailedPrecondition("trainer is being set up; retry when its Setup has returned")
+        return backend, cfg, batches.BatchLimits.of(cfg, backend.step)
 
     @handle_errors
     def Train(self, request_iterator, context):
-        backend = self._backend()
-        # the whole step is decoded and checked before any rank computes: bad input changes nothing
-        micro_batches = [batches.from_proto(msg, vocab_size=backend.vocab_size) for msg in request_iterator]
+        backend, cfg, limits = self._set_up()
+        # The whole step is decoded and checked before any rank computes: bad input changes nothing.
+        # The stream is bounded as it arrives: no more micro-batches or tokens than one step holds.
+        micro_batches, tokens, sequences = [], 0, 0
+        with time_limit(context, cfg.runtime_args.rpc_timeout_s.train):   # a stalled sender is cut off
+            for msg in request_iterator:
+                mb = batches.from_proto(msg, vocab_size=backend.vocab_size)
+                limits.check(mb)
+                micro_batches.append(mb)
+                tokens, sequences = tokens + mb.num_tokens, sequences + len(mb.seq_lens)
+                limits.check_step(tokens, sequences)
         if not micro_batches:
             raise InvalidArgument("Train received no micro-batches")
+        if len({mb.num_global_tokens for mb in micro_batches}) > 1 or \
+                sum(int(mb.loss_mask.sum()) for mb in micro_batches) != micro_batches[0].num_global_tokens:
+            raise InvalidArgument("num_global_tokens must be the same in every micro-batch and equal the step's loss "
+                                  "tokens (the loss is a mean over the optimizer step's tokens)")
         with self._lock:
             try:
                 metrics = self.ranks.run("train", payload=micro_batches)
@@ -94,24 +133,31 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @handle_errors
     def ComputeLogProbs(self, request, context):
-        backend = self._backend()
+        backend, _, limits = self._set_up()
         batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
+        limits.check(batch, for_training=False)
         with self._lock:
             return tpb.LogProbs(logprobs=to_wire(self.ranks.run("logprobs", batch)))
 
     @handle_errors
     def PrepareWeightSync(self, request, context):
         backend = self._backend()
+        weight_sync.check_plan(request)
         if request.rank != 0:
             raise InvalidArgument(f"the trainer sends as rank 0, plan says rank {request.rank}")
         mine = [(p.name, p.shape) for p in backend.param_specs()]
-        theirs = [(p.name, p.shape) for p in weight_sync.specs_from_wire(request.params)]
+        wire = weight_sync.specs_from_wire(request.params)
+        if any(not p.dtype.is_floating_point for p in wire):
+            raise InvalidArgument("params: wire dtypes must be floating point (the rollout engine's dtype, "
+                                  "models.policy.dtype)")
+        theirs = [(p.name, p.shape) for p in wire]
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
-        weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
-        self._leave_weight_sync()
-        self.ranks.transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
+        weight_sync.check_plan_secret(request)   # before anything else: a refusal changes nothing
+        transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
+        self._leave_weight_sync()   # the old group only once the new one is joined: a failed join changes nothing
+        self.ranks.transport = transport
         log.info("joined weight-sync group %s as sender, world size %d", request.group_id, request.world_size)
         return pb.Empty()
 
@@ -137,6 +183,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._backend()
         path = self._path(request.path)
         extra = json.loads(request.extra_json) if request.extra_json else {}
+        if not isinstance(extra, dict):
+            raise InvalidArgument("extra_json must be a JSON object (the coordinator's state to restore with it)")
         with self._lock:
             start = time.perf_counter()
             self.ranks.run("save", path, extra)
@@ -173,24 +221,27 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _info(self) -> tpb.TrainerInfo:
         b = self.ranks.backend
         if b is None:
-            return tpb.TrainerInfo(device=str(self.device), world_size=self.ranks.world)
+            return tpb.TrainerInfo(device=str(self.device), world_size=self.ranks.world,
+                                   max_message_mb=self.max_message_mb)
         cfg = getattr(b, "cfg", None)
         return tpb.TrainerInfo(backend=cfg.models.policy_trainer.backend if cfg else "", step=b.step,
                                model=cfg.models.policy_trainer.load if cfg else "", world_size=self.ranks.world,
                                device=str(self.device), params=weight_sync.specs_to_wire(b.param_specs()),
-                               run_id=self.run_id, gpu_uuids=weight_sync.gpu_uuids(b.device))
+                               run_id=self.run_id, gpu_uuids=weight_sync.gpu_uuids(b.device),
+                               max_message_mb=self.max_message_mb)
 
 
 def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,
           device: str | None = None, output_roots: Roots | None = None, model_roots: Roots | None = None,
-          transport: Transport = Transport()) -> tuple[Server, TrainerServicer]:
+          transport: Transport = Transport(), limits: dict | None = None) -> tuple[Server, TrainerServicer]:
     """Rank 0 only; the other ranks of a torchrun launch call TrainerRanks.follow() instead."""
     dev = worker_device(device)
     servicer = TrainerServicer(TrainerRanks(dev), output_roots=output_roots, model_roots=model_roots)
     server, _ = start_worker(cpb.TRAINER, (trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                                            tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name),
                              host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev,
-                             transport=transport)
+                             transport=transport, limits=limits)
+    servicer.max_message_mb = server.max_message_mb
     return server, servicer
 
 
@@ -208,7 +259,8 @@ def main() -> None:
     try:
         server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
                           device=args.device, output_roots=roots_from_args(args, "--output-root"),
-                          model_roots=roots_from_args(args, "--model-root"), transport=transport)
+                          model_roots=roots_from_args(args, "--model-root"), transport=transport,
+                          limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
     except InsecureServer as exc:
         raise SystemExit(f"trainer: {exc}") from None
     server.wait()

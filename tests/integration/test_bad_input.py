@@ -111,9 +111,11 @@ def test_weight_sync_outside_a_group_is_refused(set_up):
     version = rollout.GetInfo(pb.Empty()).policy_version
     req = pb.WeightSyncRequest(group_id="no-such-group", version=version + 1)
     expect_rpc_error(lambda: rollout.ReceiveWeights(req), grpc.StatusCode.FAILED_PRECONDITION, "no-such-group")
-    expect_rpc_error(lambda: rollout.CommitWeights(req), INVALID, f"version {version + 1}")
+    expect_rpc_error(lambda: rollout.CommitWeights(req), grpc.StatusCode.FAILED_PRECONDITION, "no-such-group")
+    expect_rpc_error(lambda: rollout.AbortWeights(req), grpc.StatusCode.FAILED_PRECONDITION, "no-such-group")
     expect_rpc_error(lambda: set_up.trainer_stub().SendWeights(req), grpc.StatusCode.FAILED_PRECONDITION)
-    bad_plan = pb.WeightSyncPlan(group_id="x", rank=1, world_size=2, backend="gloo",
+    bad_plan = pb.WeightSyncPlan(group_id="x", rank=1, world_size=2, backend="gloo", rendezvous_host="localhost",
+                                 rendezvous_port=1, bucket_bytes=1 << 20, timeout_s=5,
                                  params=[pb.ParamSpec(name="nope", dtype=pb.FLOAT32, shape=[2])])
     expect_rpc_error(lambda: rollout.PrepareWeightSync(bad_plan), INVALID, "params", "models.policy.load")
     assert rollout.GetInfo(pb.Empty()).policy_version == version

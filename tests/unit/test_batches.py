@@ -86,14 +86,17 @@ def test_wire_layout_matches_proto_contract():
 
 def test_from_proto_for_logprobs_only_needs_ids_and_boundaries():
     seqs = _seqs(5)
-    full = to_proto(make_micro_batch(seqs, num_global_tokens=1, temperature=0.0))
-    msg = pb.PackedBatch(input_ids=full.input_ids, cu_seqlens=full.cu_seqlens)
+    full = to_proto(make_micro_batch(seqs, num_global_tokens=1, temperature=0.5))
+    msg = pb.PackedBatch(input_ids=full.input_ids, cu_seqlens=full.cu_seqlens, temperature=0.5)
     back = from_proto(msg, vocab_size=VOCAB, for_training=False)
     assert back.input_ids.tolist() == _expected_rows(seqs)[0]
     assert back.seq_lens == [s.length for s in seqs]
-    assert back.temperature == 1.0  # unset temperature means 1
+    assert back.temperature == 0.5
     with pytest.raises(ValueError, match="loss_mask"):
         from_proto(msg, vocab_size=VOCAB)  # training needs the loss fields
+    msg.temperature = 0.0   # unset: the logprobs' temperature is unknown
+    with pytest.raises(ValueError, match="temperature"):
+        from_proto(msg, vocab_size=VOCAB, for_training=False)
 
 
 def _ids_of(mb) -> list[int]:
@@ -245,6 +248,19 @@ MALFORMED = {
     "input_ids-huge-id": (_edit("input_ids", torch.int32, _set_token(2**31 - 1)), "input_ids"),
     "input_ids-negative-id": (_edit("input_ids", torch.int32, _set_token(-1)), "input_ids"),
     "temperature-negative": (_set_attr("temperature", -0.5), "temperature"),
+    # out-of-range loss values: finite, but the loss would overflow or they cannot be log-probabilities
+    "temperature-zero": (_set_attr("temperature", 0.0), "temperature"),
+    "temperature-tiny": (_set_attr("temperature", 1e-30), "temperature"),
+    "temperature-huge": (_set_attr("temperature", 3e38), "temperature"),
+    "advantages-3e38": (_edit("advantages", torch.float32, _nan_at_response(3e38)), "advantages"),
+    "advantages-off-mask": (_edit("advantages", torch.float32, lambda t: t.index_fill_(0, torch.tensor([0]), 1.0)),
+                            "advantages"),
+    "old_logprobs-positive": (_edit("old_logprobs", torch.float32, _nan_at_response(5.0)), "old_logprobs"),
+    "old_logprobs-below-floor": (_edit("old_logprobs", torch.float32, _nan_at_response(-1e30)), "old_logprobs"),
+    "old_logprobs-off-mask": (_edit("old_logprobs", torch.float32, lambda t: t.index_fill_(0, torch.tensor([0]), -3e38)),
+                              "old_logprobs"),
+    "versions-negative": (_set("versions", torch.full((len(SEQS),), -1, dtype=torch.int64)), "versions"),
+    "loss_mask-two": (_edit("loss_mask", torch.uint8, lambda t: t * 2), "loss_mask"),
 }
 
 
@@ -276,3 +292,41 @@ def test_from_proto_rejects_non_finite_temperature(value):
     msg.temperature = value
     with pytest.raises(ValueError, match="temperature"):
         from_proto(msg, vocab_size=VOCAB)
+
+
+def _limits_cfg(*overrides: str):
+    from services.common.config import load_config
+    return load_config(overrides=["runtime_args.sample_per_episode=64", "runtime_args.train_global_batch_size=32",
+                                  "models.policy.max_prompt_tokens_length=7", "models.policy.max_response_tokens_length=6",
+                                  "models.policy_trainer.max_token_in_packing=40", *overrides])
+
+
+def test_batch_limits_follow_the_run():
+    """What the trainer accepts is bounded by the run it is set up for, naming the keys."""
+    from services.common.batches import BatchLimits
+    cfg = _limits_cfg()
+    limits = BatchLimits.of(cfg, step=5)
+    assert limits.versions == (4, 5)   # 64 / 32 = 2 optimizer steps per episode: one step behind at most
+    assert (limits.max_sequence, limits.max_tokens, limits.max_loss_tokens) == (13, 40, 32 * 6)
+    seqs = [TrainSequence([1, 2], [3, 4], [-1.0, -1.0], 1.0, 5), TrainSequence([1], [3], [-1.0], 1.0, 4)]
+    limits.check(make_micro_batch(seqs, num_global_tokens=3, temperature=1.0))
+
+    def refused(mb, *needles, for_training=True):
+        with pytest.raises(ValueError) as info:
+            limits.check(mb, for_training=for_training)
+        for needle in needles:
+            assert needle in str(info.value)
+    stale = [TrainSequence([1], [3], [-1.0], 1.0, 3)]
+    refused(make_micro_batch(stale, num_global_tokens=1, temperature=1.0), "versions", "[4, 5]")
+    future = [TrainSequence([1], [3], [-1.0], 1.0, 6)]
+    refused(make_micro_batch(future, num_global_tokens=1, temperature=1.0), "versions")
+    refused(make_micro_batch(seqs, num_global_tokens=3, temperature=0.7), "models.policy.temperature")
+    long = [TrainSequence([1] * 7, [3] * 7, [-1.0] * 7, 1.0, 5)]
+    refused(make_micro_batch(long, num_global_tokens=7, temperature=1.0), "max_response_tokens_length")
+    many = [TrainSequence([1] * 7, [3] * 6, [-1.0] * 6, 1.0, 5)] * 4   # 52 tokens > 40
+    refused(make_micro_batch(many, num_global_tokens=24, temperature=1.0), "max_token_in_packing")
+    refused(make_micro_batch(seqs, num_global_tokens=10**9, temperature=1.0), "num_global_tokens")
+    # logprobs only: versions and bins do not matter, the step's size does
+    limits.check(make_micro_batch(many, num_global_tokens=24, temperature=1.0), for_training=False)
+    refused(make_micro_batch(many * 9, num_global_tokens=1, temperature=1.0), "train_global_batch_size",
+            for_training=False)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import (
+    APPLIES_ONLY,
     NOT_IMPLEMENTED,
     ConfigError,
     RLConfig,
@@ -134,15 +135,78 @@ def test_inconsistent_values_name_all_keys(overrides: tuple[str, ...],
         assert key in msg
 
 
-def test_micro_batch_divisibility_ignored_when_packing() -> None:
-    cfg = load_config(overrides=["runtime_args.train_micro_batch_size=24"])
-    assert cfg.runtime_args.train_micro_batch_size == 24
+def test_micro_batch_size_is_refused_when_packing() -> None:
+    """With packing, train_micro_batch_size would be accepted and ignored: it is an error instead."""
+    msg = error_of(overrides=("runtime_args.train_micro_batch_size=24",))
+    assert "runtime_args.train_micro_batch_size is set but applies only with models.policy_trainer.packing=False" in msg
+    cfg = load_config(overrides=["runtime_args.train_micro_batch_size=16", "models.policy_trainer.packing=False"])
+    assert cfg.runtime_args.train_micro_batch_size == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        (("models.policy.gpu_memory_utilization=0.5",), "models.policy.engine=vllm"),
+        (("models.policy_trainer.packing=False", "models.policy_trainer.max_token_in_packing=512"),
+         "models.policy_trainer.packing=True"),
+        (("models.policy_trainer.ref_offload=True",), "models.policy_trainer.kl_coef > 0"),
+        (("models.policy_trainer.save_hf=True",), "runtime_args.save_episode_interval > 0"),
+        (("runtime_args.agreement_samples=0", "runtime_args.logprob_diff_threshold=0.1"),
+         "runtime_args.agreement_samples > 0"),
+        (("models.policy_trainer.optimizer.min_lr=1e-7",),
+         "models.policy_trainer.optimizer.lr_decay_style=linear or cosine"),
+        (("models.policy_trainer.optimizer.lr_decay_iters=10",),
+         "models.policy_trainer.optimizer.lr_decay_style=linear or cosine"),
+    ],
+)
+def test_keys_set_where_they_do_not_apply_are_refused(overrides: tuple[str, ...], where: str) -> None:
+    key = overrides[-1].split("=")[0]
+    msg = error_of(overrides=overrides)
+    assert f"{key} is set but applies only with {where}" in msg
+
+
+def test_every_applies_only_row_is_tested() -> None:
+    tested = {"models.policy.gpu_memory_utilization", "runtime_args.train_micro_batch_size",
+              "models.policy_trainer.max_token_in_packing", "models.policy_trainer.ref_offload",
+              "models.policy_trainer.save_hf", "runtime_args.logprob_diff_threshold",
+              "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters"}
+    assert {key for key, _, _ in APPLIES_ONLY} == tested
+
+
+def test_keys_where_they_apply_or_at_their_default_load() -> None:
+    cfg = load_config(overrides=["models.policy.engine=vllm", "models.policy.gpu_memory_utilization=0.5",
+                                 "models.policy_trainer.kl_coef=0.1", "models.policy_trainer.ref_offload=True",
+                                 "models.policy_trainer.optimizer.lr_decay_style=cosine",
+                                 "models.policy_trainer.optimizer.min_lr=1e-7",
+                                 "models.policy.gpu_memory_utilization=0.5"])
+    assert cfg.models.policy.gpu_memory_utilization == 0.5 and cfg.models.policy_trainer.ref_offload
+    load_config(overrides=["models.policy.gpu_memory_utilization=0.8"])   # the default, with the built-in engine
+
+
+def test_grpc_max_message_mb_moved_to_the_services() -> None:
+    msg = error_of(overrides=("runtime_args.grpc_max_message_mb=128",))
+    assert "'runtime_args.grpc_max_message_mb' is no longer a run setting" in msg and "--max-message-mb" in msg
+
+
+@pytest.mark.parametrize("override", ["models.policy_trainer.kl_coef=inf", "models.policy.temperature=nan",
+                                      "models.reward.timeout_s=inf", "runtime_args.logprob_diff_threshold=inf"])
+def test_non_finite_floats_are_refused(override: str) -> None:
+    assert f"{override.split('=')[0]} is invalid; must be a finite number" in error_of(overrides=(override,))
+
+
+def test_rpc_timeouts_are_keys_with_ranges() -> None:
+    cfg = load_config(overrides=["runtime_args.rpc_timeout_s.generate=5"])
+    assert cfg.runtime_args.rpc_timeout_s.generate == 5.0 and cfg.runtime_args.rpc_timeout_s.train == 1800.0
+    assert "runtime_args.rpc_timeout_s.train" in error_of(overrides=("runtime_args.rpc_timeout_s.train=0",))
+    assert "did you mean 'runtime_args.rpc_timeout_s.generate'" in error_of(
+        overrides=("runtime_args.rpc_timeout_s.generat=5",))
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("models.policy.temperature=0", ["models.policy.temperature", "> 0"]),
+        ("models.policy.temperature=0", ["models.policy.temperature", "0.01 <= value <= 100.0"]),
+        ("models.policy.temperature=1000", ["models.policy.temperature", "0.01 <= value <= 100.0"]),
         ("models.policy.top_p=1.5", ["models.policy.top_p", "0 < value <= 1"]),
         ("models.policy.top_k=0", ["models.policy.top_k", "-1 (off) or >= 1"]),
         ("runtime_args.num_inference_per_prompt=1",
@@ -291,3 +355,9 @@ def test_errors_locate_the_key_in_the_yaml():
     assert "unknown config key 'runtime_args.num_episod'" in msg and "line 3, column 3 of config text" in msg
     with pytest.raises(ConfigError, match="line 2, column 3 of config_path"):
         load_config("runtime_args:\n  seed: x\n", source="config_path")
+
+
+def test_config_text_is_bounded_before_parsing() -> None:
+    from services.common.config import MAX_CONFIG_CHARS
+    assert "at most" in error_of("runtime_args:\n  seed: 1\n" + "#" * MAX_CONFIG_CHARS)
+    assert "at most" in error_of(overrides=tuple(f"runtime_args.seed={i:0999d}" for i in range(1100)))

@@ -23,7 +23,8 @@ def _overrides(model_dir: str, *extra: str) -> list[str]:
     return [f"models.policy.load={model_dir}", "models.policy_trainer.dtype=float32",
             f"models.policy_trainer.optimizer.lr={LR}", "models.policy_trainer.optimizer.weight_decay=0.0",
             "models.policy.max_prompt_tokens_length=8", "models.policy.max_response_tokens_length=8",
-            "models.policy_trainer.max_token_in_packing=64", *extra]
+            *([] if "models.policy_trainer.packing=False" in extra else ["models.policy_trainer.max_token_in_packing=64"]),
+            *extra]
 
 
 @pytest.fixture(scope="module")

@@ -152,15 +152,15 @@ def test_moe_keys_on_a_dense_model_and_unsupported_models_are_refused(tiny_model
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["models.policy_trainer.tensor_model_parallel_size=2"], "applies only to models.policy_trainer.backend=megatron"),
-    (["models.policy_trainer.moe_router_dtype=fp64"], "applies only to models.policy_trainer.backend=megatron"),
+    (["models.policy_trainer.tensor_model_parallel_size=2"], "applies only with models.policy_trainer.backend=megatron"),
+    (["models.policy_trainer.moe_router_dtype=fp64"], "applies only with models.policy_trainer.backend=megatron"),
     (["models.policy_trainer.recompute_granularity=full"], "gradient_checkpointing=True"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.gradient_checkpointing=True"],
      "recompute_granularity=full"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.ulysses_sequence_parallel_size=2"],
-     "applies only to models.policy_trainer.backend=fsdp"),
+     "applies only with models.policy_trainer.backend=fsdp"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.attn_implementation=flex_attention"],
-     "applies only to models.policy_trainer.backend=fsdp"),
+     "applies only with models.policy_trainer.backend=fsdp"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.sequence_parallel=True"],
      "needs models.policy_trainer.tensor_model_parallel_size > 1"),
     (["models.policy_trainer.backend=megatron", "models.policy_trainer.moe_unpermute_dtype=bf16"],

@@ -1,6 +1,8 @@
 """Tests for services.common.rpc: auth, health, reflection, error mapping and message limits."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -292,6 +294,36 @@ def test_worker_secret_guards_every_method_but_get_info():
         server.stop(0)
 
 
+def test_streams_are_bounded_and_never_take_the_unary_threads():
+    """Each open stream holds a server thread: past max_streams they are answered RESOURCE_EXHAUSTED
+    at once, unary calls keep answering, and a closed stream frees its slot."""
+    server = _server(auth_token="", max_streams=2, max_workers=4)
+    try:
+        with make_channel(_address(server), auth_token="") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(2)]
+            for w in watches:   # grpc.health's Watch is a real blocking stream: first status, then it waits
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(6):   # more than the 4 threads: each is refused at once, none waits for a thread
+                with pytest.raises(grpc.RpcError) as info:
+                    next(health.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-streams" in info.value.details()
+            assert stub.GetInfo(pb.Empty(), timeout=2).device == "cpu"
+            watches[0].cancel()
+            deadline = time.time() + TIMEOUT
+            while True:   # the slot comes back once the server has seen the cancellation
+                try:
+                    assert next(health.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)).status
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.time() < deadline
+                    time.sleep(0.05)
+    finally:
+        server.stop(0)
+
+
 def test_security_flags_go_together(monkeypatch, capsys):
     import argparse
 
@@ -314,3 +346,8 @@ def test_security_flags_go_together(monkeypatch, capsys):
                       "--insecure-no-auth")
     assert transport.tls == rpc.ServerTLS("c", "k", "ca") and transport.insecure_no_auth
     assert rpc._client_tls == rpc.ClientTLS("ca")   # every channel this process opens now uses TLS
+
+
+def test_max_streams_must_leave_threads_for_unary_calls():
+    with pytest.raises(ValueError, match="--max-streams"):
+        _server(auth_token="", max_streams=16, max_workers=16)

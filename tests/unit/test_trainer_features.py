@@ -28,7 +28,8 @@ def _cfg(model_dir: str, *extra: str):
                                   "models.policy_trainer.optimizer.lr=1e-2",
                                   "models.policy_trainer.optimizer.weight_decay=0.0",
                                   "models.policy.max_prompt_tokens_length=8", "models.policy.max_response_tokens_length=8",
-                                  "models.policy_trainer.max_token_in_packing=64", *extra])
+                                  *([] if "models.policy_trainer.packing=False" in extra
+                                    else ["models.policy_trainer.max_token_in_packing=64"]), *extra])
 
 
 def _step(seed: int) -> list:
@@ -226,7 +227,7 @@ def test_flex_attention_trainer_matches_sdpa(tiny_model_dir, monkeypatch, packin
     from services.trainer import attention
     monkeypatch.setattr(attention, "pad_multiple", lambda device: 16)
     extra = ("models.policy_trainer.kl_coef=0.1", "models.policy_trainer.entropy_coef=0.01",
-             f"models.policy_trainer.packing={packing}", "runtime_args.train_micro_batch_size=2")
+             f"models.policy_trainer.packing={packing}", *(() if packing else ("runtime_args.train_micro_batch_size=2",)))
     sdpa = FSDPBackend(_cfg(tiny_model_dir, *extra), CPU)
     flex = FSDPBackend(_cfg(tiny_model_dir, *extra, "models.policy_trainer.attn_implementation=flex_attention"), CPU)
     assert flex.model.config._attn_implementation == attention.FLEX

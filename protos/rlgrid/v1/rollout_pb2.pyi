@@ -26,7 +26,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class RolloutInfo(_message.Message):
-    __slots__ = ("engine", "model", "policy_version", "device", "params", "vocab_size", "eos_token_id", "dtype", "run_id", "sync_ranks", "gpu_uuids")
+    __slots__ = ("engine", "model", "policy_version", "device", "params", "vocab_size", "eos_token_id", "dtype", "run_id", "sync_ranks", "gpu_uuids", "max_message_mb")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class RolloutInfo(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SYNC_RANKS_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_MB_FIELD_NUMBER: _ClassVar[int]
     engine: str
     model: str
     policy_version: int
@@ -49,4 +50,5 @@ class RolloutInfo(_message.Message):
     run_id: str
     sync_ranks: int
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., dtype: _Optional[str] = ..., run_id: _Optional[str] = ..., sync_ranks: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_message_mb: int
+    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., dtype: _Optional[str] = ..., run_id: _Optional[str] = ..., sync_ranks: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ...) -> None: ...

@@ -51,7 +51,7 @@ class CheckpointReply(_message.Message):
     def __init__(self, path: _Optional[str] = ..., seconds: _Optional[float] = ..., step: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class TrainerInfo(_message.Message):
-    __slots__ = ("backend", "model", "step", "world_size", "device", "params", "run_id", "gpu_uuids")
+    __slots__ = ("backend", "model", "step", "world_size", "device", "params", "run_id", "gpu_uuids", "max_message_mb")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class TrainerInfo(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_MB_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     step: int
@@ -68,4 +69,5 @@ class TrainerInfo(_message.Message):
     params: _containers.RepeatedCompositeFieldContainer[_common_pb2.ParamSpec]
     run_id: str
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_message_mb: int
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ...) -> None: ...

@@ -341,4 +341,5 @@ class BuiltinEngine(Engine):
         return EngineInfo(engine="builtin", model=self.model_path, device=str(self.device), dtype=str(self.dtype),
                           vocab_size=self.config.vocab_size, eos_token_id=self.eos_ids[0] if self.eos_ids else -1,
                           params=[ParamMeta(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()],
-                          gpu_uuids=gpu_uuids(self.device))
+                          gpu_uuids=gpu_uuids(self.device),
+                          context_length=getattr(self.config, "max_position_embeddings", 0) or 0)

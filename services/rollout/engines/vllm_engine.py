@@ -73,6 +73,7 @@ class VLLMEngine(Engine):
         eos = config.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.vocab_size = config.vocab_size
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
         self._params = [ParamMeta(n, dtype, shape) for n, shape in hf_param_specs(model_path, dtype)]
         # the receiving workers' GPUs, in TP-rank order (the coordinator keeps NCCL off shared GPUs)
         self._gpu_uuids = [u for us in self.llm.collective_rpc("rlgrid_gpu_uuids") for u in us]
@@ -119,8 +120,14 @@ class VLLMEngine(Engine):
 
     # ---- weights ------------------------------------------------------------------------------
     def join_weight_sync(self, plan: pb.WeightSyncPlan) -> None:
-        self._group = None
-        self.llm.collective_rpc("rlgrid_join", args=(plan.SerializeToString(),))
+        # each worker leaves its old group only once it joined the new one; with several workers one
+        # may have joined while another failed, so the replica then counts as in no group
+        try:
+            self.llm.collective_rpc("rlgrid_join", args=(plan.SerializeToString(),))
+        except Exception:
+            if self.tp > 1:
+                self._group = None
+            raise
         self._group = plan.group_id
 
     def leave_weight_sync(self) -> None:
@@ -160,4 +167,5 @@ class VLLMEngine(Engine):
     def info(self) -> EngineInfo:
         return EngineInfo(engine="vllm", model=self.model_path, device=str(self.device), dtype=str(self.dtype),
                           vocab_size=self.vocab_size, eos_token_id=self.eos_ids[0] if self.eos_ids else -1,
-                          params=self._params, sync_ranks=self.tp, gpu_uuids=self._gpu_uuids)
+                          params=self._params, sync_ranks=self.tp, gpu_uuids=self._gpu_uuids,
+                          context_length=self.context_length)

@@ -59,8 +59,9 @@ class WeightSyncExtension:
         from vllm.distributed import get_tensor_model_parallel_rank
         plan = pb.WeightSyncPlan.FromString(plan_bytes)
         plan.rank += get_tensor_model_parallel_rank()   # a replica's TP workers take consecutive ranks
+        transport = weight_sync.connect(plan, self.device)   # the old group is left once this one is joined
         self.rlgrid_leave()
-        self._rlgrid_transport = weight_sync.connect(plan, self.device)
+        self._rlgrid_transport = transport
         self._rlgrid_staged = None
         return plan.rank
 

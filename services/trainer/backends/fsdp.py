@@ -21,16 +21,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from services.common.batches import MicroBatch
 from services.common.config import RLConfig
-from services.common.models import resolve_dtype
+from services.common.models import ModelLoadError, resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer import attention, checkpoint
 from services.trainer.backend import TrainerBackend
-from services.trainer.build import build_sharded
+from services.trainer.build import KEY, build_sharded, model_kwargs
 from services.trainer.loss import (
     LossConfig,
     policy_loss,
@@ -38,7 +38,7 @@ from services.trainer.loss import (
     token_logprobs_and_entropy,
 )
 from services.trainer.optim import build_optimizer
-from services.trainer.ulysses import SequenceParallel
+from services.trainer.ulysses import SequenceParallel, check_sp
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,26 @@ def optimizer_oom_guidance(params: int, world_size: int, kl: bool) -> str:
 
 
 class FSDPBackend(TrainerBackend):
+    @staticmethod
+    def check(cfg: RLConfig, world_size: int) -> None:
+        """What can be checked without building: the model directory, its architecture (built on the
+        meta device, no memory), sequence parallelism against its heads, groupgemm against MoE."""
+        t = cfg.models.policy_trainer
+        if not os.path.isfile(os.path.join(t.load, "config.json")):
+            raise ModelLoadError(f"{KEY}={t.load!r} is not a model directory (no config.json); point it at an HF "
+                                 f"model directory")
+        try:
+            config = AutoConfig.from_pretrained(t.load)
+            with torch.device("meta"):
+                AutoModelForCausalLM.from_config(config, **model_kwargs(config, cfg))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{KEY}={t.load!r} could not be loaded: {exc}") from exc
+        check_sp(t.ulysses_sequence_parallel_size, world_size, config.num_attention_heads,
+                 getattr(config, "num_key_value_heads", config.num_attention_heads))
+        if t.groupgemm and not model_kwargs(config, cfg):
+            raise ValueError(f"models.policy_trainer.groupgemm=True applies only to MoE models; {t.load} "
+                             f"({config.model_type}) has no experts: remove it")
+
     def __init__(self, cfg: RLConfig, device: torch.device):
         self.cfg = cfg
         t = cfg.models.policy_trainer

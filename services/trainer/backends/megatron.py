@@ -76,7 +76,29 @@ def _check_keys(t, dims: Dims) -> None:
         raise ValueError(f"{KEY}.groupgemm / moe_* keys apply to MoE models; {dims.model_type} has no experts")
 
 
+def _model_and_layout(cfg: RLConfig, world_size: int):
+    """The HF config, the model's dimensions and the parallel layout, each checked against the other."""
+    t = cfg.models.policy_trainer
+    try:
+        hf_config = AutoConfig.from_pretrained(t.load)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{KEY}.load={t.load!r} could not be loaded: {exc}") from exc
+    try:
+        dims = Dims.from_hf(hf_config)
+    except UnsupportedModel as exc:
+        raise ModelLoadError(f"{KEY}.load={t.load!r}: {exc}") from exc
+    _check_keys(t, dims)
+    layout = Layout.from_config(t, world_size)
+    layout.check_model(dims)
+    return hf_config, dims, layout
+
+
 class MegatronBackend(TrainerBackend):
+    @staticmethod
+    def check(cfg: RLConfig, world_size: int) -> None:
+        """The model directory, its type, the MoE keys and the parallel layout, checked without building."""
+        _model_and_layout(cfg, world_size)
+
     def __init__(self, cfg: RLConfig, device: torch.device):
         self.cfg = cfg
         t = cfg.models.policy_trainer
@@ -85,17 +107,7 @@ class MegatronBackend(TrainerBackend):
         if device.type == "cuda":
             torch.cuda.set_device(device)   # megatron allocates on the current CUDA device
         cpu_shims.install()
-        try:
-            self.hf_config = AutoConfig.from_pretrained(t.load)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{KEY}.load={t.load!r} could not be loaded: {exc}") from exc
-        try:
-            self.dims = Dims.from_hf(self.hf_config)
-        except UnsupportedModel as exc:
-            raise ModelLoadError(f"{KEY}.load={t.load!r}: {exc}") from exc
-        _check_keys(t, self.dims)
-        self.layout = Layout.from_config(t, dist.get_world_size())
-        self.layout.check_model(self.dims)
+        self.hf_config, self.dims, self.layout = _model_and_layout(cfg, dist.get_world_size())
         init_parallel(self.layout, cfg.runtime_args.seed)
         patches.set_unpermute_dtype(torch.float32 if t.moe_unpermute_dtype == "fp32" else None)
         self.coords = self.layout.coords(dist.get_rank())
