@@ -214,7 +214,7 @@ def _unknown_key_errors(user: Any, cls: type, prefix: str = "") -> list[tuple[st
         # name the leaves of an unknown section, so 'runtime_arg.seed' suggests 'runtime_args.seed'
         for leaf in _leaves(value, key):
             if leaf in MOVED:
-                errors.append(f"config key '{leaf}' is no longer a run setting: {MOVED[leaf]}")
+                errors.append((leaf, f"config key '{leaf}' is no longer a run setting: {MOVED[leaf]}"))
                 continue
             hint = _suggest(leaf)
             fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(fields)}"
@@ -358,7 +358,7 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
         errors.append(f"models.policy.top_p={pol.top_p} / models.policy.top_k={pol.top_k} are not supported with "
                       "models.policy.engine=vllm (its logprobs would be those of the filtered distribution, "
                       "which the trainer's cannot match); use models.policy.top_p=1.0 and models.policy.top_k=-1")
-    if tr.sequence_parallel and tr.tensor_model_parallel_size == 1:
+    if tr.backend == "megatron" and tr.sequence_parallel and tr.tensor_model_parallel_size == 1:
         errors.append("models.policy_trainer.sequence_parallel=True splits the sequence over tensor-parallel ranks; "
                       "it needs models.policy_trainer.tensor_model_parallel_size > 1")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length

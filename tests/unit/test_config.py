@@ -165,11 +165,32 @@ def test_keys_set_where_they_do_not_apply_are_refused(overrides: tuple[str, ...]
     assert f"{key} is set but applies only with {where}" in msg
 
 
+# a value other than the default for each key that only one trainer backend reads
+BACKEND_KEYS = {
+    "megatron": ["tensor_model_parallel_size=2", "pipeline_model_parallel_size=2", "expert_model_parallel_size=2",
+                 "expert_tensor_parallel_size=1", "sequence_parallel=True", "moe_permute_fusion=True",
+                 "moe_unpermute_dtype=native", "moe_aux_loss_coeff=0.01", "moe_router_bias_update_rate=0.001",
+                 "moe_router_dtype=fp64", "recompute_granularity=full"],
+    "fsdp": ["gradient_checkpointing=True", "ulysses_sequence_parallel_size=2", "attn_implementation=flex_attention",
+             "torch_compile=True", "ref_offload=True"],
+}
+
+
+@pytest.mark.parametrize(("backend", "setting"), [(b, k) for b, keys in BACKEND_KEYS.items() for k in keys])
+def test_keys_of_the_other_trainer_backend_are_refused(backend: str, setting: str) -> None:
+    other = "fsdp" if backend == "megatron" else "megatron"
+    msg = error_of(overrides=(f"models.policy_trainer.backend={other}", "models.policy_trainer.kl_coef=0.1",
+                              f"models.policy_trainer.{setting}"))
+    assert f"models.policy_trainer.{setting.split('=')[0]} is set but applies only with " \
+           f"models.policy_trainer.backend={backend}" in msg
+
+
 def test_every_applies_only_row_is_tested() -> None:
     tested = {"models.policy.gpu_memory_utilization", "runtime_args.train_micro_batch_size",
               "models.policy_trainer.max_token_in_packing", "models.policy_trainer.ref_offload",
               "models.policy_trainer.save_hf", "runtime_args.logprob_diff_threshold",
               "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters"}
+    tested |= {f"models.policy_trainer.{k.split('=')[0]}" for keys in BACKEND_KEYS.values() for k in keys}
     assert {key for key, _, _ in APPLIES_ONLY} == tested
 
 
