@@ -436,9 +436,28 @@ def _yaml_error(e: yaml.YAMLError, source: str) -> ConfigError:
     return ConfigError(f"invalid YAML in {source}{where}: {problem}")
 
 
+# A run config nests five deep; the YAML composer (and everything after it) recurses per level, so a
+# deeper text is refused from the parser's event stream first, which does not recurse.
+MAX_YAML_DEPTH = 16
+
+
+def _check_depth(text: str, source: str) -> None:
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{source} nests deeper than {MAX_YAML_DEPTH} levels at line "
+                                  f"{event.start_mark.line + 1}, column {event.start_mark.column + 1}; "
+                                  f"a run config nests at most a few")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def _scan_yaml(text: str, source: str) -> Marks:
     """Locates every key of a YAML text and refuses interpolation and aliases; values stay unread."""
     try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise _yaml_error(e, source) from None

@@ -21,7 +21,8 @@ from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc, trainer_pb2_grpc
 from services.common import config as config_module
 from services.common.config import RLConfig, config_to_yaml, load_config, valid_keys
 from services.common.rpc import make_channel
-from tests.integration.cluster import ROOT
+from services.common.worker import WORKER_SECRET_ENV
+from tests.integration.cluster import ROOT, TEST_WORKER_SECRET
 from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -94,14 +95,25 @@ def _wait(predicate, timeout=60.0):
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
     """Coordinator, trainer and rollout servers in this process, registered with each other."""
+    from services.common.paths import Roots
+    from services.coordinator.confine import DEFAULT_CONFIG_DIR, RunRoots
     from services.coordinator.server import serve as coordinator
     from services.rollout.server import serve as rollout
     from services.trainer.server import serve as trainer
     state = tmp_path_factory.mktemp("walk-state")
-    coord_server, _ = coordinator(0, host="127.0.0.1", state_dir=str(state))
+    tmp = [str(tmp_path_factory.getbasetemp())]   # the toy files and every output live in pytest's temp dir
+    roots = {flag: Roots.of(flag, tmp) for flag in ("--output-root", "--data-root", "--model-root")}
+    coord_server, _ = coordinator(0, host="127.0.0.1", state_dir=str(state), roots=RunRoots(
+        DEFAULT_CONFIG_DIR, roots["--output-root"], roots["--data-root"], roots["--model-root"]))
     address = f"127.0.0.1:{coord_server.port}"
-    servers = [coord_server, trainer(0, host="127.0.0.1", coordinator=address, device="cpu")[0],
-               rollout(0, host="127.0.0.1", coordinator=address, device="cpu")[0]]
+    os.environ[WORKER_SECRET_ENV] = TEST_WORKER_SECRET   # read by both workers at start
+    try:
+        servers = [coord_server,
+                   trainer(0, host="127.0.0.1", coordinator=address, device="cpu",
+                           output_roots=roots["--output-root"], model_roots=roots["--model-root"])[0],
+                   rollout(0, host="127.0.0.1", coordinator=address, device="cpu", model_roots=roots["--model-root"])[0]]
+    finally:
+        del os.environ[WORKER_SECRET_ENV]
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(address))
     _wait(lambda: len(stub.ListWorkers(pb.Empty()).workers) == 2)
     yield stub, [f"127.0.0.1:{s.port}" for s in servers]
@@ -131,8 +143,10 @@ def test_every_key_is_read_or_refused(in_process, toy, demo_yaml, tmp_path):
     unread = [k for k in valid_keys() if k not in trace.reads and k not in OWNED_ELSEWHERE]
     assert len(set(valid_keys()) & trace.reads) > 50, sorted(trace.reads)   # the trace saw the runs
 
-    setup = {"trainer": trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer_address)),
-             "rollout": rollout_pb2_grpc.RolloutServiceStub(make_channel(rollout_address))}
+    setup = {"trainer": trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer_address,
+                                                                          worker_secret=TEST_WORKER_SECRET)),
+             "rollout": rollout_pb2_grpc.RolloutServiceStub(make_channel(rollout_address,
+                                                                         worker_secret=TEST_WORKER_SECRET))}
     silent = []
     for key in unread:
         overrides = base + [f"{key}={_other_value(key)}"]

@@ -20,7 +20,7 @@ from services.common.rpc import make_channel
 from services.common.tensors import ids_to_wire, to_wire
 from services.common.tiny_model import build_tiny_model
 from services.coordinator.clients import StepError, TrainerClient
-from tests.integration.cluster import expect_rpc_error
+from tests.integration.cluster import TEST_WORKER_SECRET, expect_rpc_error
 from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -81,12 +81,13 @@ def test_64_watch_streams_leave_registration_and_listing_answering(services, toy
             time.sleep(0.1)
         assert (len(opened), len(refused)) == (8, 56), (len(opened), len(refused))
         assert "--max-streams" in refused[0]
-        for i in range(3):
+        for replica in services.rollouts:   # real workers: a registration is checked with the worker (GetInfo)
             start = time.perf_counter()
-            coord.RegisterWorker(cpb.WorkerInfo(kind=cpb.ROLLOUT, address=f"localhost:{9 + i}"), timeout=1)
+            coord.RegisterWorker(cpb.WorkerInfo(kind=cpb.ROLLOUT, address=replica.address, secret=TEST_WORKER_SECRET),
+                                 timeout=1)
             listed = coord.ListWorkers(pb.Empty(), timeout=1)
             assert time.perf_counter() - start < 1.0
-        assert len(listed.workers) == 3
+        assert len(listed.workers) == len(services.rollouts)
         coord.StopRun(cpb.RunRef(run_id=run.run_id), timeout=1)   # the run ends: every open stream finishes
         for t in threads:
             t.join(timeout=30)
@@ -215,7 +216,8 @@ def test_message_limit_is_the_receivers_too(services, run_cfg):
     trainer = services.cluster.start("trainer-1mib", "services.trainer", "--device", "cpu", "--max-message-mb", "1")
     try:
         services.cluster.wait_healthy(trainer)
-        client = TrainerClient(trainer.address, max_message_mb=64, timeouts=run_cfg.runtime_args.rpc_timeout_s)
+        client = TrainerClient(trainer.address, max_message_mb=64, timeouts=run_cfg.runtime_args.rpc_timeout_s,
+                               secret=TEST_WORKER_SECRET)
         assert client.handshake().max_message_mb == 1 and client.max_message_mb == 1
         client.call("Setup", pb.SetupRequest(run_id="mib", config_yaml=config_to_yaml(run_cfg)), "setup")
         big = TrainSequence([4] * 50_000, [6] * 50_000, [-1.0] * 50_000, 1.0, 0)   # ~1.3 MB on the wire
@@ -224,7 +226,8 @@ def test_message_limit_is_the_receivers_too(services, run_cfg):
             client.train([mb])
         assert "1 MiB" in str(info.value) and trainer.address in str(info.value) and "--max-message-mb" in str(info.value)
         # what a sender with only its own limit sends, the receiver refuses: the mismatch the handshake removes
-        raw = trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer.address, max_message_mb=64))
+        raw = trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer.address, max_message_mb=64,
+                                                               worker_secret=TEST_WORKER_SECRET))
         expect_rpc_error(lambda: raw.Train(iter([batches.to_proto(mb)]), timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert client.train([step_batch(0)])["tokens"] > 0   # what fits is trained
     finally:

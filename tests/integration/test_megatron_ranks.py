@@ -18,11 +18,11 @@ from rlgrid.v1 import coordinator_pb2_grpc, trainer_pb2_grpc
 from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches
 from services.common.config import config_to_yaml, load_config
-from services.common.rpc import make_channel
 from services.common.tensors import from_wire
 from services.common.tiny_model import build_tiny_model
 from services.coordinator.local import LocalCluster
 from tests.conftest import TINY_WORDS
+from tests.integration.cluster import TEST_WORKER_SECRET
 from tests.integration.conftest import demo_overrides
 from tests.integration.test_trainer_ranks import _step
 
@@ -33,12 +33,13 @@ MEGATRON = "models.policy_trainer.backend=megatron"
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("megatron-ranks")
-    cluster = LocalCluster(str(d / "logs"))
+    cluster = LocalCluster(str(d / "logs"), roots=[str(tmp_path_factory.getbasetemp())],
+                           worker_secret=TEST_WORKER_SECRET)
     coord, trainer2, _ = cluster.deploy(str(d / "state"), trainer_nproc=2)
     trainer1 = cluster.start("trainer-1rank", "services.trainer", "--device", "cpu")   # not registered
     cluster.wait_healthy(trainer1)
-    stubs = [trainer_pb2_grpc.TrainerServiceStub(make_channel(p.address)) for p in (trainer1, trainer2)]
-    yield {"coord": coord, "stubs": stubs, "dir": d, "trainer": trainer2}
+    stubs = [trainer_pb2_grpc.TrainerServiceStub(cluster.channel(p)) for p in (trainer1, trainer2)]
+    yield {"coord": coord, "stubs": stubs, "dir": d, "trainer": trainer2, "cluster": cluster}
     cluster.stop_all()
 
 
@@ -50,9 +51,14 @@ def _logprobs(stub, probe) -> torch.Tensor:
     return from_wire(stub.ComputeLogProbs(probe).logprobs)
 
 
+def _version(stub) -> int:
+    """The trainer's step: the policy version its next samples must carry."""
+    return stub.GetInfo(pb.Empty()).step
+
+
 def _train_alike(stubs, seeds, keys=("loss", "pg_loss", "kl", "entropy", "grad_norm")):
     for seed in seeds:
-        step = [batches.to_proto(mb) for mb in _step(seed)]
+        step = [batches.to_proto(mb) for mb in _step(seed, version=_version(stubs[0]))]
         one, two = (dict(s.Train(iter(step)).values) for s in stubs)
         assert two["ranks"] == 2
         for key in keys:
@@ -66,7 +72,7 @@ def _reshard_to_one_rank(ranks, stubs, probe, name: str) -> None:
     path = str(ranks["dir"] / name)
     stubs[1].SaveCheckpoint(tpb.CheckpointRequest(path=path, extra_json='{"episode": 3}'))
     saved = _logprobs(stubs[1], probe)
-    stubs[0].Train(iter([batches.to_proto(mb) for mb in _step(31)]))
+    stubs[0].Train(iter([batches.to_proto(mb) for mb in _step(31, version=_version(stubs[0]))]))
     assert (_logprobs(stubs[0], probe) - saved).abs().max() > 1e-3
     loaded = stubs[0].LoadCheckpoint(tpb.CheckpointRequest(path=path))
     assert json.loads(loaded.extra_json) == {"episode": 3}
@@ -112,7 +118,7 @@ def test_ep2_trains_like_one_rank_and_resumes_at_ep1(ranks, tmp_path):
 
 
 def test_grpo_run_with_a_tp2_megatron_trainer(ranks, toy, demo_yaml):
-    coord = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(ranks["coord"].address))
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(ranks["cluster"].channel(ranks["coord"]))
     overrides = demo_overrides(toy, str(ranks["dir"] / "out"), **{
         "runtime_args.num_episode": 2, "runtime_args.sample_per_episode": 32, "runtime_args.train_global_batch_size": 16,
         "models.policy_trainer.backend": "megatron", "models.policy_trainer.tensor_model_parallel_size": 2,
@@ -134,7 +140,7 @@ def test_grpo_run_with_a_tp2_megatron_trainer(ranks, toy, demo_yaml):
     assert model.config.model_type == "qwen3"
     probe = batches.make_micro_batch([batches.TrainSequence([5, 3], [4, 4, 6, 1], [-1.0] * 4, 0.0, 0)],
                                      num_global_tokens=4, temperature=1.0)
-    trainer = _logprobs(trainer_pb2_grpc.TrainerServiceStub(make_channel(ranks["trainer"].address)),
+    trainer = _logprobs(trainer_pb2_grpc.TrainerServiceStub(ranks["cluster"].channel(ranks["trainer"])),
                         batches.to_proto(probe))
     with torch.no_grad():
         logits = model(probe.input_ids[None]).logits[0]

@@ -18,6 +18,7 @@ from services.common.tensors import ids_to_wire
 from services.common.weight_sync import Rendezvous
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.sync import WeightSync
+from tests.integration.cluster import TEST_WORKER_SECRET
 from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -102,9 +103,10 @@ def test_an_aborted_sync_leaves_every_replica_serving_its_old_version(services, 
     cfg = load_config(demo_yaml, demo_overrides(toy, str(tmp_path), **{
         "runtime_args.rpc_timeout_s.weight_sync": 5, "runtime_args.rpc_timeout_s.control": 2}))
     limits = dict(max_message_mb=64, timeouts=cfg.runtime_args.rpc_timeout_s)
-    trainer = TrainerClient(services.trainer.address, **limits)
+    trainer = TrainerClient(services.trainer.address, **limits, secret=TEST_WORKER_SECRET)
     pool = RolloutPool([r.address for r in services.rollouts], **limits, retries=0,
-                       max_sequences=cfg.runtime_args.sample_per_episode)
+                       max_sequences=cfg.runtime_args.sample_per_episode,
+                       secrets={r.address: TEST_WORKER_SECRET for r in services.rollouts})
     setup = pb.SetupRequest(run_id="abort", config_yaml=config_to_yaml(cfg))
     trainer.call("Setup", setup, "setup")
     pool.call_all("Setup", setup, "setup")

@@ -24,7 +24,7 @@ from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc, trainer_pb2_grpc
 from rlgrid.v1 import rollout_pb2 as rpb
 from rlgrid.v1 import trainer_pb2 as tpb
 from services.common import batches, weight_sync
-from services.common.config import config_to_yaml, load_config
+from services.common.config import RpcTimeouts, config_to_yaml, load_config
 from services.common.rpc import AUTH_ENV, ClientTLS, make_channel
 from services.common.tensors import ids_to_wire
 from services.coordinator.clients import RolloutPool, TrainerClient
@@ -228,8 +228,9 @@ def test_a_rendezvous_joiner_without_the_sync_secret_never_meets_the_group(train
     services = trainer_set_up
     rendezvous = weight_sync.Rendezvous("127.0.0.1", bind_host="127.0.0.1")
     rendezvous.new_group_id = lambda: "ws-known-to-the-attacker"
-    trainer = TrainerClient(services.trainer.address, 64, secret=TEST_WORKER_SECRET)
-    pool = RolloutPool([services.rollouts[0].address], max_message_mb=64, retries=0,
+    limits = dict(max_message_mb=64, timeouts=RpcTimeouts())
+    trainer = TrainerClient(services.trainer.address, **limits, secret=TEST_WORKER_SECRET)
+    pool = RolloutPool([services.rollouts[0].address], **limits, retries=0, max_sequences=64,
                        secrets={services.rollouts[0].address: TEST_WORKER_SECRET})
     version = pool.replicas[0].stub.GetInfo(pb.Empty()).policy_version + 1000
     attacker: dict = {}

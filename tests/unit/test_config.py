@@ -382,3 +382,9 @@ def test_config_text_is_bounded_before_parsing() -> None:
     from services.common.config import MAX_CONFIG_CHARS
     assert "at most" in error_of("runtime_args:\n  seed: 1\n" + "#" * MAX_CONFIG_CHARS)
     assert "at most" in error_of(overrides=tuple(f"runtime_args.seed={i:0999d}" for i in range(1100)))
+
+
+def test_deep_nesting_is_refused_before_anything_recurses() -> None:
+    for text in ("a: " + "[" * 5000, "a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 40)) + " " * 40 + "v: 1\n"):
+        assert "nests deeper than" in error_of(text)
+    assert load_config("runtime_args:\n  seed: 3\n").runtime_args.seed == 3
