@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import transformers
@@ -80,6 +81,7 @@ def attempt(label: str, fn) -> dict:
         out = fn()
     except Exception as exc:   # noqa: BLE001
         out = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        traceback.print_exc()   # into the run's log: a GPU-only failure is diagnosed from it
     print(f"[{label}] {time.perf_counter() - t0:.1f} s", out.get("error", ""), flush=True)
     return out
 

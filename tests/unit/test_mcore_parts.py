@@ -108,6 +108,44 @@ def test_patched_code_is_the_code_the_patch_was_written_for():
     assert token_dispatcher.unpermute.__wrapped__ is moe_utils.unpermute
 
 
+GATING_DIGEST = "0fe8ae411d8e3ba8"   # megatron-core 0.19.2: TopKRouter.gating and router_gating_linear's Function
+
+
+def _gating_source() -> str:
+    from megatron.core.transformer.moe import moe_utils, router
+    return inspect.getsource(router.TopKRouter.gating) + inspect.getsource(moe_utils.RouterGatingLinearFunction)
+
+
+def test_router_patch_is_written_for_this_gating_code():
+    """Fails when megatron-core's router gating changes: review patch 2 in patches.py."""
+    from megatron.core.transformer.moe import moe_utils, router
+
+    assert hashlib.sha256(_gating_source().encode()).hexdigest()[:16] == GATING_DIGEST
+    assert "router_gating_linear(input, self.weight, self.bias, router_dtype)" in inspect.getsource(
+        router.TopKRouter.gating)
+    patches.install_router_patch()
+    patches.install_router_patch()   # idempotent
+    assert router.router_gating_linear.__wrapped__ is moe_utils.router_gating_linear
+
+
+def test_router_logits_are_float32_under_autocast_and_backward_runs():
+    """Under autocast megatron's float32 router would multiply in bf16 (autocast casts its mm); the patched
+    call keeps float32, and the backward (outside autocast, as on CUDA) gets matching dtypes."""
+    from megatron.core.transformer.moe import router
+
+    patches.install_router_patch()
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randn(8, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(4, 16, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.router_gating_linear(inp, weight, None, torch.float32)
+        unpatched = router.router_gating_linear.__wrapped__(inp, weight, None, torch.float32)
+    assert logits.dtype == torch.float32 and unpatched.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, inp.float() @ weight.t(), rtol=0, atol=0)
+    logits.sum().backward()   # outside autocast, as the autograd engine runs CUDA backward
+    assert inp.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+
+
 def _scatter_case(seed: int, topk: int = 4, tokens: int = 64, hidden: int = 32):
     g = torch.Generator().manual_seed(seed)
     # every token's top-k expert outputs, as the dispatcher holds them before unpermute (bf16 activations)

@@ -110,6 +110,7 @@ class MegatronBackend(TrainerBackend):
         self.hf_config, self.dims, self.layout = _model_and_layout(cfg, dist.get_world_size())
         init_parallel(self.layout, cfg.runtime_args.seed)
         patches.set_unpermute_dtype(torch.float32 if t.moe_unpermute_dtype == "fp32" else None)
+        patches.install_router_patch()
         self.coords = self.layout.coords(dist.get_rank())
         self._expert_group = None
         if self.dims.experts and self.layout.ep * self.layout.etp > 1:

@@ -12,6 +12,16 @@ Patch 1: the accumulation dtype of MoE `unpermute` (`models.policy_trainer.moe_u
   before `unpermute`), so the dispatchers' `unpermute` is wrapped to add in float32 and round once.
   `moe_permute_fusion=True` (Transformer Engine's fused kernel) is not touched: it needs TE, which
   the backend refuses without.
+
+Patch 2: the router's gating linear under autocast (`models.policy_trainer.moe_router_dtype`).
+  `TopKRouter.gating` computes the router logits with `router_gating_linear`, an autograd Function
+  that casts input and weight to the router dtype (float32 by default) and multiplies them with
+  `torch.mm`. Inside a CUDA autocast region (bf16 training without Transformer Engine) autocast casts
+  that `mm` back to bf16: the "float32 router" is silently a bf16 one, and its backward, which runs
+  outside autocast, then multiplies the bf16 gradient by the float32 weight and fails ("expected mat1
+  and mat2 to have the same dtype", seen on an H200). The router's module-level reference to the
+  function is wrapped to run it with autocast off whenever the router dtype is wider than the
+  activations, so the logits really are float32 (or float64), as the key says.
 """
 from __future__ import annotations
 
@@ -31,6 +41,25 @@ def _wrap(original):
 
     unpermute.__wrapped__ = original
     return unpermute
+
+
+def _router_outside_autocast(original):
+    def router_gating_linear(inp, weight, bias, router_dtype):
+        if router_dtype == inp.dtype or not torch.is_autocast_enabled(inp.device.type):
+            return original(inp, weight, bias, router_dtype)
+        with torch.autocast(inp.device.type, enabled=False):
+            return original(inp, weight, bias, router_dtype)
+
+    router_gating_linear.__wrapped__ = original
+    return router_gating_linear
+
+
+def install_router_patch() -> None:
+    """Patch 2 (idempotent): the router's gating linear honours moe_router_dtype under autocast."""
+    from megatron.core.transformer.moe import router
+
+    if not hasattr(router.router_gating_linear, "__wrapped__"):
+        router.router_gating_linear = _router_outside_autocast(router.router_gating_linear)
 
 
 def set_unpermute_dtype(dtype: torch.dtype | None) -> None:
