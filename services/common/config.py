@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,6 +28,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_ATTENTION = ("sdpa", "flex_attention")
+EXP_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
 class ConfigError(ValueError):
@@ -42,11 +44,12 @@ class RuntimeArgs:
     train_micro_batch_size: int = 8  # samples per forward/backward pass when packing is off
     save_episode_interval: int = 0  # save a checkpoint every N episodes (0 = never)
     data_path: str = ""  # training prompts (JSONL)
-    eval_data_path: str = ""  # evaluation prompts (JSONL); empty = no evaluation
+    eval_data_path: str = ""  # held-out prompts (JSONL) evaluated at step 0, every eval_episode_interval and at the end; "" = none
+    eval_episode_interval: int = 0  # evaluate every N episodes (0 = only before the first and after the last)
     output_dir: str = "./output"  # where checkpoints, logs and metrics go
     seed: int = 42  # random seed for data order, sampling and initialisation
     data_shuffle: bool = True  # shuffle the training prompts each pass over the data
-    exp_name: str = "rlgrid"  # experiment name used in logs and output paths
+    exp_name: str = "rlgrid"  # names the run: its run_id (and so its directory under output_dir/runs/) starts with it
     logprob_diff_threshold: float = 0.5  # max abs trainer/rollout logprob diff after a weight sync
     agreement_samples: int = 4  # samples per step used by that logprob agreement check
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
@@ -198,6 +201,9 @@ _RANGES: list[_Check] = [
     ("runtime_args.num_inference_per_prompt", lambda v: v >= 2, ">= 2 (GRPO normalises a group)"),
     ("runtime_args.agreement_samples", lambda v: v >= 0, ">= 0"),
     ("runtime_args.save_episode_interval", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("runtime_args.eval_episode_interval", lambda v: v >= 0, ">= 0 (0 = only before the first and after the last episode)"),
+    ("runtime_args.exp_name", lambda v: re.fullmatch(EXP_NAME_PATTERN, v) is not None,
+     "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a directory)"),
     ("runtime_args.step_retries", lambda v: v >= 0, ">= 0"),
     ("runtime_args.logprob_diff_threshold", lambda v: v > 0, "> 0"),
     _one_of("models.policy.engine", ENGINES),
@@ -250,6 +256,9 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
         errors.append(f"models.policy.top_p={pol.top_p} / models.policy.top_k={pol.top_k} are not supported with "
                       "models.policy.engine=vllm (its logprobs would be those of the filtered distribution, "
                       "which the trainer's cannot match); use models.policy.top_p=1.0 and models.policy.top_k=-1")
+    if cfg.runtime_args.eval_episode_interval and not cfg.runtime_args.eval_data_path:
+        errors.append(f"runtime_args.eval_episode_interval={cfg.runtime_args.eval_episode_interval} needs "
+                      "runtime_args.eval_data_path (the held-out prompts); set it, or leave the interval at 0")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length
     if tr.packing and tr.max_token_in_packing < sample_len:
         errors.append(f"models.policy_trainer.max_token_in_packing={tr.max_token_in_packing}"

@@ -1,5 +1,6 @@
 """The GRPO loop, start to end of a run. Every step is one call into a named module; retries
-(clients.py), persistence (runs.py) and metrics (steps.py) live beside it."""
+(clients.py), persistence (runs.py), metrics (steps.py) and held-out evaluation (evaluation.py) live
+beside it."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from services.common.config import RLConfig
 from services.coordinator.advantages import group_normalized_advantages
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
+from services.coordinator.evaluation import Evaluation
 from services.coordinator.rewards import get_reward
 from services.coordinator.runs import Run
 from services.coordinator.steps import (
@@ -48,7 +50,9 @@ def run_grpo(ctx: RunContext) -> None:
     sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle,
                             position=position)
     reward = get_reward(cfg.models.reward.name)
+    evaluation = Evaluation.from_config(cfg, ctx.tokenizer, reward, first_step=done)
     ctx.sync.sync(version)                      # every replica starts from the trainer's weights
+    evaluation.at(done, run, ctx.rollouts)      # held-out prompts: the starting point of the curves
 
     for step in range(done + 1, ra.num_episode + 1):
         run.control_point()                     # pause / stop land between steps
@@ -73,8 +77,10 @@ def run_grpo(ctx: RunContext) -> None:
             synced = ctx.sync.sync(version)
         run.record_step(step, step_metrics(samples, rewards, train, agreement, synced, timer,
                                            ctx.rollouts.discarded))
+        evaluation.at(step, run, ctx.rollouts)  # every runtime_args.eval_episode_interval and after the last step
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
             checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")
             ctx.trainer.save_checkpoint(checkpoint, step, sampler.position)
             if cfg.models.policy_trainer.save_hf:
                 ctx.trainer.export_hf(os.path.join(checkpoint, "hf"))
+

@@ -33,8 +33,9 @@ log = logging.getLogger("rollout")
 
 def sampling_from_proto(s: pb.SamplingParams) -> Sampling:
     """Validates sampling params; errors name the request field and the config key behind it."""
-    if not s.temperature > 0:
-        raise InvalidArgument(f"sampling.temperature must be > 0 (models.policy.temperature), got {s.temperature}")
+    if not s.temperature >= 0:   # 0 = greedy (the coordinator's evaluation asks for it)
+        raise InvalidArgument(f"sampling.temperature must be > 0 (models.policy.temperature), or 0 for greedy; "
+                              f"got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1] (models.policy.top_p), got {s.top_p}")
     if s.top_k == 0 or s.top_k < -1:
