@@ -32,7 +32,15 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(metrics_path: str, out_png: str, title: str = "rlgrid GRPO") -> str:
-    rows = read_metrics(metrics_path)
+    """Writes the curves of the run whose metrics.jsonl is `metrics_path` to `out_png`."""
+    fig = figure(read_metrics(metrics_path), title)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def figure(rows: list[dict], title: str):
+    """The figure: one panel per PANELS entry, each with the metrics the rows have."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
     for ax, (name, ylabel, keys) in zip(axes.flat, PANELS):
         drawn = 0
@@ -52,6 +60,4 @@ def plot_run(metrics_path: str, out_png: str, title: str = "rlgrid GRPO") -> str
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return fig
