@@ -59,6 +59,9 @@ def _read_gguf(gguf_path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError_(f"reading GGUF needs {' and '.join(missing)}: pip install 'rlgrid[gguf]'")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
