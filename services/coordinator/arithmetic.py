@@ -1,7 +1,7 @@
 """A real task with a held-out split: GSM8K-format arithmetic and word problems, generated
 deterministically (no data set download), as train and eval JSONL files.
 
-    python -m services.coordinator.arithmetic OUT_DIR [--train 2000] [--eval 200] [--seed 0] [--max-number 20]
+    python -m services.coordinator.arithmetic OUT_DIR [--train 1000] [--eval 100] [--seed 0] [--max-number 10]
 
 Each line is GSM8K's ``{"question": ..., "answer": "<working>\\n#### <number>"}`` plus a chat
 ``prompt`` (the question and the instruction to answer with the number, as one user message), which
@@ -94,7 +94,7 @@ def generate(n: int, *, seed: int, max_number: int, kinds: tuple[str, ...] = tup
     return out
 
 
-def write_split(out_dir: str, *, train: int, eval: int, seed: int = 0, max_number: int = 20) -> tuple[str, str]:
+def write_split(out_dir: str, *, train: int, eval: int, seed: int = 0, max_number: int = 10) -> tuple[str, str]:
     """Writes `out_dir`/train.jsonl and `out_dir`/eval.jsonl (disjoint questions); returns their paths.
     The eval split is drawn first, from its own seed, so it does not change with `train`."""
     held_out = generate(eval, seed=seed * 2 + 1, max_number=max_number)
@@ -112,10 +112,10 @@ def write_split(out_dir: str, *, train: int, eval: int, seed: int = 0, max_numbe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--train", type=int, default=2000, help="training problems")
-    parser.add_argument("--eval", type=int, default=200, help="held-out problems")
+    parser.add_argument("--train", type=int, default=1000, help="training problems")
+    parser.add_argument("--eval", type=int, default=100, help="held-out problems")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-number", type=int, default=20, help="largest number in a problem")
+    parser.add_argument("--max-number", type=int, default=10, help="largest number in a problem")
     args = parser.parse_args(argv)
     try:
         train, held_out = write_split(args.out_dir, train=args.train, eval=args.eval, seed=args.seed,
