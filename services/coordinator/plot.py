@@ -54,6 +54,9 @@ def figure(rows: list[dict], title: str):
             ax.text(0.5, 0.5, hint, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="gray")
         elif len(keys) > 1:
             ax.legend(fontsize=8)
+        if name == "KL to reference" and drawn and not any(series(rows, "train/kl")[1]):
+            ax.text(0.5, 0.6, "0: models.policy_trainer.kl_coef=0 (no reference model)", ha="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
         if name == "held-out accuracy":
             ax.set_ylim(-0.02, 1.02)
         ax.set(xlabel="step", ylabel=ylabel, title=name)
