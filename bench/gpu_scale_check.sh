@@ -101,6 +101,8 @@ x2-8b)
   ;;
 colocated)
   run python3 bench/gpu_grpo.py --trainer-device cuda:0 --rollout-devices cuda:0 --steps 4 --out "$out/gpu_grpo_colocated.json"
+  run python3 bench/gpu_grpo.py --shape smollm2 --trainer-device cuda:0 --rollout-devices cuda:0 --steps 6 \
+    --samples 128 --out "$out/gpu_grpo_colocated_smollm2.json"
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:0 "${scale[@]}" \
     --out "$out/gpu_grpo_colocated_qwen3-1.7b.json"
   ;;
