@@ -350,6 +350,13 @@ def test_fixed_shapes_match_full_forward(fixed_shapes_engine, hf_model, monkeypa
     assert _generate(e, n=n, max_tokens=30, seed=21, **sampling) == gens
 
 
+def test_fixed_shapes_greedy(fixed_shapes_engine, hf_model, greedy_refs):
+    """temperature 0 (the coordinator's greedy evaluation) on the decode step a CUDA graph captures."""
+    gens = _generate(fixed_shapes_engine, n=2, temperature=0.0, max_tokens=GREEDY_TOKENS, seed=3)
+    assert all(g.response_ids == greedy_refs[g.prompt_index] for g in gens)
+    _assert_match_full_forward(gens, hf_model, 1.0)
+
+
 def test_longer_requests_grow_the_cache(fixed_shapes_engine, hf_model):
     e = fixed_shapes_engine
     _generate(e, prompts=PROMPTS[1:2], max_tokens=2, seed=1)
