@@ -12,7 +12,7 @@ from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.import_gguf import import_gguf, shipped_smollm2
 from services.common.rpc import make_channel
 from services.coordinator.arithmetic import write_split
-from services.coordinator.demo import REAL_CONFIG, greedy_outcomes, mcnemar_p
+from services.coordinator.demo import ARITHMETIC, REAL_CONFIG, greedy_outcomes, mcnemar_p
 from services.coordinator.local import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,8 @@ STEPS, EVAL_PROMPTS = 8, 48
 def test_smollm2_learns_held_out_arithmetic(tmp_path, monkeypatch):
     model = str(tmp_path / "smollm2")
     import_gguf(shipped_smollm2(), model, progress=lambda _: None)
-    train, held_out = write_split(str(tmp_path / "task"), train=200, eval=EVAL_PROMPTS, seed=0, max_number=10)
+    # the demo's split (the first 48 of its 100 held-out problems): the first 8 episodes of `make demo-real`
+    train, held_out = write_split(str(tmp_path / "task"), **{**ARITHMETIC, "eval": EVAL_PROMPTS})
     monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1))   # trainer and rollout take turns
     cluster = LocalCluster(str(tmp_path / "logs"))
     try:
