@@ -140,14 +140,15 @@ def main() -> None:
         "rollout_replicas": len(args.rollout_devices), "gpus": gpus, "machine": machine(),
         "command": " ".join(["python"] + sys.argv),
         "median_step_breakdown_seconds": breakdown, **extra,
-        "train_tokens_per_s_per_gpu": (statistics.median(s["train/tokens"] / s["time/step"] for s in timed) / gpus
+        "train_tokens_per_s_per_gpu": (statistics.median(s["train/tokens"] / s["time/step"] for s in timed) / max(gpus, 1)
                                        if timed else None),
         "state": cpb.RunState.Name(info.state), "error": info.error, "weight_sync_backend": backend,
         "dtype": "bfloat16 (trainer: fp32 master weights, bf16 compute; rollout: bf16)",
         "max_agreement_diff": max((s["agreement/max_abs_diff"] for s in steps), default=None),
         "task": {"toy": "toy echo", "smollm2": "arithmetic (math reward)"}.get(args.shape,
                                                                              "toy echo + entropy bonus"),
-        "min_grad_norm": min((s["train/grad_norm"] for s in steps), default=None),
+        "grad_norm_min_max": [min(s["train/grad_norm"] for s in steps), max(s["train/grad_norm"] for s in steps)]
+        if steps else None,
         "mean_reward": statistics.fmean(s["reward/mean"] for s in steps) if steps else None,
         "median_step_seconds": statistics.median(s["time/step"] for s in steps) if steps else None,
         "median_sync_seconds": statistics.median(s["sync/seconds"] for s in steps) if steps else None,
