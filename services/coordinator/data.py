@@ -112,19 +112,20 @@ def _parse_record(obj: Any, index: int) -> PromptRecord:
     return PromptRecord(prompt=prompt, ground_truth=str(ground_truth), index=index)
 
 
-def load_jsonl(path: str) -> list[PromptRecord]:
+def load_jsonl(path: str, key: str = "runtime_args.data_path") -> list[PromptRecord]:
     """Load prompt records from a JSONL file (formats: see the module docstring).
 
-    Blank lines are skipped; ``index`` counts records, not lines.
+    Blank lines are skipped; ``index`` counts records, not lines. ``key`` is the config key that
+    named the file, for the error messages.
 
     Raises:
-        FileNotFoundError: the file does not exist (``runtime_args.data_path``).
+        FileNotFoundError: the file does not exist.
         ValueError: a line is not valid JSON or lacks a prompt / ground truth
             (the message names the file and 1-based line number), or the file
             holds no records.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"runtime_args.data_path: no such file {path!r}")
+        raise FileNotFoundError(f"{key}: no such file {path!r}")
     records: list[PromptRecord] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -139,7 +140,7 @@ def load_jsonl(path: str) -> list[PromptRecord]:
             except ValueError as e:
                 raise ValueError(f"{path} line {line_no}: {e}") from None
     if not records:
-        raise ValueError(f"runtime_args.data_path: {path!r} contains no records")
+        raise ValueError(f"{key}: {path!r} contains no records")
     return records
 
 

@@ -1,6 +1,6 @@
 """The GRPO loop, start to end of a run. Every step is one call into a named module; retries and
-deadlines (clients.py), persistence (runs.py), reward time limits (reward_pool.py) and metrics
-(steps.py) live beside it."""
+deadlines (clients.py), persistence (runs.py), reward time limits (reward_pool.py), metrics
+(steps.py) and held-out evaluation (evaluation.py) live beside it."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from services.common.config import RLConfig
 from services.coordinator.advantages import group_normalized_advantages
 from services.coordinator.clients import RolloutPool, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
+from services.coordinator.evaluation import Evaluation
 from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import Run
 from services.coordinator.steps import (
@@ -51,7 +52,9 @@ def run_grpo(ctx: RunContext) -> None:
     sampler = PromptSampler(prompts.records, ra.sample_per_episode // n, seed=ra.seed, shuffle=ra.data_shuffle,
                             position=position)
     run.log(ctx.reward.describe())
+    evaluation = Evaluation.from_config(cfg, ctx.tokenizer, ctx.reward, first_step=done)
     ctx.sync.sync(version)                      # every replica starts from the trainer's weights
+    evaluation.at(done, run, ctx.rollouts)      # held-out prompts: the starting point of the curves
 
     for step in range(done + 1, ra.num_episode + 1):
         run.control_point()                     # pause / stop land between steps
@@ -74,8 +77,10 @@ def run_grpo(ctx: RunContext) -> None:
             synced = ctx.sync.sync(version)
         run.record_step(step, step_metrics(samples, rewards, reward_timeouts, train, agreement, synced, timer,
                                            ctx.rollouts.discarded))
+        evaluation.at(step, run, ctx.rollouts)  # every runtime_args.eval_episode_interval and after the last step
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
             checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")
             ctx.trainer.save_checkpoint(checkpoint, step, sampler.position)
             if cfg.models.policy_trainer.save_hf:
                 ctx.trainer.export_hf(os.path.join(checkpoint, "hf"))
+

@@ -1,7 +1,9 @@
 """Runs: state, events for WatchRun, pause/stop control points, persistence under the output dir.
 
-Each run writes `<runtime_args.output_dir>/runs/<run_id>/` with state.json, config.yaml and
-metrics.jsonl; the coordinator's state dir keeps an index so a restarted coordinator lists them.
+Each run writes `<runtime_args.output_dir>/runs/<run_id>/` with state.json, config.yaml,
+metrics.jsonl (one row per step, and one per held-out evaluation), eval/step-<n>.jsonl (every
+evaluation answer) and, when TensorBoard is installed, tensorboard/; the coordinator's state dir keeps
+an index so a restarted coordinator lists them. A run_id starts with runtime_args.exp_name.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from rlgrid.v1 import coordinator_pb2 as cpb
+from services.coordinator import tensorboard_events
 
 TERMINAL = {cpb.STOPPED, cpb.FAILED, cpb.FINISHED}
 
@@ -39,6 +42,7 @@ class Run:
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
+        self._events_file = None   # TensorBoard, opened at the first metrics
 
     @property
     def run_dir(self) -> str:
@@ -59,10 +63,26 @@ class Run:
 
     def record_step(self, step: int, metrics: dict[str, float]) -> None:
         with self.cond:
-            self.step, self.last_metrics = step, dict(metrics)
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            # GetRun shows the latest value of every metric: a step keeps the last evaluation's
+            self.step, self.last_metrics = step, {**self._eval_metrics(), **metrics}
+            self._write_metrics(step, metrics)
             self._event(message=f"step {step}/{self.total_steps}", metrics=metrics)
+            self.persist()
+        for listener in self.listeners:
+            listener(self, step, metrics)
+
+    def record_eval(self, step: int, metrics: dict[str, float], samples: list[dict]) -> None:
+        """A held-out evaluation after `step` steps: a metrics row, an event, and every answer in
+        eval/step-<step>.jsonl."""
+        with self.cond:
+            os.makedirs(os.path.join(self.run_dir, "eval"), exist_ok=True)
+            with open(os.path.join(self.run_dir, "eval", f"step-{step}.jsonl"), "w") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+            self.last_metrics = {**self.last_metrics, **metrics}
+            self._write_metrics(step, metrics)
+            summary = ", ".join(f"{k.removeprefix('eval/')} {metrics[k]:.3f}" for k in
+                                ("eval/accuracy", "eval/sampled/accuracy") if k in metrics)
+            self._event(message=f"eval at step {step}: {summary}", metrics=metrics, step=step)
             self.persist()
         for listener in self.listeners:
             listener(self, step, metrics)
@@ -90,13 +110,28 @@ class Run:
                 listener(self, self.step, metrics)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _eval_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.last_metrics.items() if k.startswith("eval/")}
+
+    def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._events_file is None:
+            self._events_file = tensorboard_events.open_writer(os.path.join(self.run_dir, "tensorboard")) or False
+        if self._events_file:
+            self._events_file.write(step, metrics)
+
     def _set_state(self, state: int, message: str) -> None:
         self.state = state
         self._event(message=message)
         self.persist()
+        if state in TERMINAL and self._events_file:
+            self._events_file.close()
+            self._events_file = None
 
-    def _event(self, message: str = "", metrics: dict | None = None) -> None:
-        self.events.append({"state": self.state, "step": self.step, "metrics": metrics or {}, "message": message,
+    def _event(self, message: str = "", metrics: dict | None = None, step: int | None = None) -> None:
+        self.events.append({"state": self.state, "step": self.step if step is None else step,
+                            "metrics": metrics or {}, "message": message,
                             "time": time.time()})
         self.cond.notify_all()
 
@@ -156,8 +191,10 @@ class RunStore:
                                    "time": time.time()})
                 self.runs[run.run_id] = run
 
-    def create(self, config_yaml: str, output_dir: str, total_steps: int) -> Run:
-        run = Run(run_id=uuid.uuid4().hex[:12], config_yaml=config_yaml, output_dir=os.path.abspath(output_dir),
+    def create(self, config_yaml: str, output_dir: str, total_steps: int, exp_name: str = "rlgrid") -> Run:
+        """A new PENDING run, named `<exp_name>-<12 hex digits>` (exp_name is validated by the config)."""
+        run = Run(run_id=f"{exp_name}-{uuid.uuid4().hex[:12]}", config_yaml=config_yaml,
+                  output_dir=os.path.abspath(output_dir),
                   total_steps=total_steps)
         os.makedirs(run.run_dir, exist_ok=True)
         with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:

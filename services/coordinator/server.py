@@ -131,12 +131,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise InvalidArgument("models.policy.load is empty: set it to an HF model directory")
         confine_run(cfg, self.roots)   # every path inside the roots, before anything is opened
         tokenizer = load_tokenizer(p.load)   # a bad path is the caller's error, reported now
-        if not os.path.isfile(ra.data_path):
-            raise InvalidArgument("runtime_args.data_path is not a file on the coordinator's host")
+        for key, path in (("data_path", ra.data_path), ("eval_data_path", ra.eval_data_path)):
+            if (path or key == "data_path") and not os.path.isfile(path):
+                raise InvalidArgument(f"runtime_args.{key} is not a file on the coordinator's host")
         if ra.resume_from and not os.path.isfile(os.path.join(ra.resume_from, "rlgrid_meta.json")):
             raise InvalidArgument("runtime_args.resume_from is not a checkpoint directory (no rlgrid_meta.json); "
                                   "name a runs/<run_id>/checkpoint-<episode> directory")
-        run = self.store.create(config_to_yaml(cfg), ra.output_dir, ra.num_episode)
+        run = self.store.create(config_to_yaml(cfg), ra.output_dir, ra.num_episode, exp_name=ra.exp_name)
         run.listeners.append(metrics.observe)
         self.scheduler.submit(run, cfg, tokenizer)
         log.info("run %s submitted (%d steps)", run.run_id, ra.num_episode)

@@ -29,7 +29,8 @@ class EncodedPrompts:
     dropped: int                # prompts longer than models.policy.max_prompt_tokens_length (reported)
 
 
-def encode_prompts(tokenizer, records: list[PromptRecord], max_len: int) -> EncodedPrompts:
+def encode_prompts(tokenizer, records: list[PromptRecord], max_len: int,
+                   key: str = "runtime_args.data_path") -> EncodedPrompts:
     """Tokenizes every record once (chat template for message prompts when the tokenizer has one)."""
     ids, kept = {}, []
     for r in records:
@@ -45,13 +46,15 @@ def encode_prompts(tokenizer, records: list[PromptRecord], max_len: int) -> Enco
             ids[r.index] = tokens
             kept.append(r)
     if not kept:
-        raise StepError(f"every prompt is empty or longer than models.policy.max_prompt_tokens_length={max_len}")
+        raise StepError(f"every prompt of {key} is empty or longer than models.policy.max_prompt_tokens_length="
+                        f"{max_len}")
     return EncodedPrompts(kept, ids, len(records) - len(kept))
 
 
-def sampling_params(cfg: RLConfig, seed: int) -> pb.SamplingParams:
+def sampling_params(cfg: RLConfig, seed: int, greedy: bool = False) -> pb.SamplingParams:
+    """The run's sampling settings (models.policy.*); greedy=True asks for argmax decoding (temperature 0)."""
     p = cfg.models.policy
-    return pb.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+    return pb.SamplingParams(temperature=0.0 if greedy else p.temperature, top_p=p.top_p, top_k=p.top_k,
                              max_tokens=p.max_response_tokens_length, stop_token_ids=list(p.stop_token_ids),
                              seed=seed)
 

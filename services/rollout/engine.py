@@ -15,7 +15,7 @@ from services.common.weight_sync import ParamMeta
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 1.0
+    temperature: float = 1.0     # 0 = greedy (argmax); logprobs then of softmax(logits)
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 16

@@ -41,11 +41,12 @@ MAX_STOP_TOKENS = 1024   # stop_token_ids per request; a run's models.policy.sto
 
 def sampling_from_proto(s: pb.SamplingParams, cfg: RLConfig, vocab_size: int) -> Sampling:
     """Validates sampling params against the run this replica is set up for; errors name the request
-    field and the config key behind it."""
+    field and the config key behind it. Temperature 0 asks for greedy decoding (evaluation does)."""
     p = cfg.models.policy
     lo, hi = TEMPERATURE_RANGE
-    if not (math.isfinite(s.temperature) and lo <= s.temperature <= hi):
-        raise InvalidArgument(f"sampling.temperature must be a number in [{lo}, {hi}] (models.policy.temperature), "
+    if not (math.isfinite(s.temperature) and (s.temperature == 0 or lo <= s.temperature <= hi)):
+        raise InvalidArgument(f"sampling.temperature must be 0 (greedy) or a number in [{lo}, {hi}] "
+                              f"(models.policy.temperature), "
                               f"got {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1] (models.policy.top_p), got {s.top_p}")

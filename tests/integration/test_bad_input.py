@@ -91,7 +91,7 @@ def test_bad_generate_requests(set_up):
         for k, v in kw.items():
             setattr(s, k, v)
         return s
-    expect_rpc_error(gen(with_(temperature=0.0)), INVALID, "models.policy.temperature")
+    expect_rpc_error(gen(with_(temperature=-1.0)), INVALID, "models.policy.temperature")
     expect_rpc_error(gen(with_(top_p=1.5)), INVALID, "models.policy.top_p")
     expect_rpc_error(gen(with_(top_k=0)), INVALID, "models.policy.top_k")
     expect_rpc_error(gen(with_(max_tokens=0)), INVALID, "max_response_tokens_length")

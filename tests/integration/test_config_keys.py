@@ -27,9 +27,6 @@ from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
 
-# Made real by the evaluation work going on beside this one (issue 12): neither refused here nor
-# required to be read yet. The lead removes this exception when that branch is merged.
-OWNED_ELSEWHERE = {"runtime_args.exp_name", "runtime_args.eval_data_path"}
 
 SERVICES = os.path.join(ROOT, "services") + os.sep
 CONFIG_PY = os.path.abspath(config_module.__file__)
@@ -140,7 +137,7 @@ def test_every_key_is_read_or_refused(in_process, toy, demo_yaml, tmp_path):
         first = _run(stub, demo_yaml, base + ["runtime_args.num_episode=1"])
         checkpoint = os.path.join(first.output_dir, "runs", first.run_id, "checkpoint-1")
         _run(stub, demo_yaml, base + ["runtime_args.num_episode=2", f"runtime_args.resume_from={checkpoint}"])
-    unread = [k for k in valid_keys() if k not in trace.reads and k not in OWNED_ELSEWHERE]
+    unread = [k for k in valid_keys() if k not in trace.reads]
     assert len(set(valid_keys()) & trace.reads) > 50, sorted(trace.reads)   # the trace saw the runs
 
     setup = {"trainer": trainer_pb2_grpc.TrainerServiceStub(make_channel(trainer_address,

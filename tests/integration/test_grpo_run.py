@@ -8,6 +8,10 @@ import pytest
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
+from services.coordinator import tensorboard_events
+from services.coordinator.data import make_toy_dataset
+from services.coordinator.plot import figure, read_metrics
+from services.coordinator.rewards import toy_echo_reward
 from tests.integration.conftest import demo_overrides
 
 pytestmark = pytest.mark.slow
@@ -107,7 +111,8 @@ def test_restarted_coordinator_lists_runs(services, tmp_path):
             if run.state in (cpb.FINISHED, cpb.STOPPED, cpb.FAILED):
                 assert after[run_id].state == run.state and after[run_id].step == run.step
         finished = next(r for r in before.values() if r.state == cpb.FINISHED)
-        replay = [e for e in stub.WatchRun(cpb.WatchRunRequest(run_id=finished.run_id)) if e.metrics]
+        replay = [e for e in stub.WatchRun(cpb.WatchRunRequest(run_id=finished.run_id))
+                  if "reward/mean" in e.metrics]
         assert len(replay) == finished.step
     finally:
         services.cluster.stop(other)
@@ -141,3 +146,42 @@ def test_run_survives_a_replica_dying(services, toy, demo_yaml, tmp_path):
     assert all(m["agreement/max_abs_diff"] < 1e-3 for m in steps)
     # the policy version still advances by exactly the optimizer steps taken
     assert [m["rollout/policy_version"] for m in steps] == [2 * i for i in range(8)]
+
+
+def test_held_out_evaluation(services, toy, demo_yaml, tmp_path):
+    """runtime_args.eval_data_path: evaluations at step 0, every eval_episode_interval and after the last
+    step, scored with the run's reward, reach WatchRun, GetRun, metrics.jsonl, TensorBoard and the plot."""
+    held_out = make_toy_dataset(str(tmp_path / "held_out.jsonl"), n=20, seed=7)
+    overrides = demo_overrides(toy, str(tmp_path), **{"runtime_args.num_episode": 3,
+                                                       "runtime_args.eval_data_path": held_out,
+                                                       "runtime_args.eval_episode_interval": 2,
+                                                       "runtime_args.exp_name": "toy-eval"})
+    run = services.coord().StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
+    assert run.run_id.startswith("toy-eval-")
+    info, events = services.run_to_end(run.run_id)
+    assert info.state == cpb.FINISHED, info.error
+    evals = [e for e in events if "eval/accuracy" in e.metrics]
+    assert [e.step for e in evals] == [0, 2, 3]
+    assert [e.metrics["eval/policy_version"] for e in evals] == [0, 4, 6]   # two optimizer steps per episode
+    assert all(e.metrics["eval/prompts"] == 20 for e in evals)
+    assert info.last_metrics["eval/accuracy"] == evals[-1].metrics["eval/accuracy"]
+    assert info.last_metrics["reward/mean"] == [e for e in events if "reward/mean" in e.metrics][-1].metrics[
+        "reward/mean"]
+    run_dir = os.path.join(info.output_dir, "runs", run.run_id)
+    records = {i: json.loads(line)["ground_truth"] for i, line in enumerate(open(held_out))}
+    for e in evals:   # the metrics are those of the answers, each scored with the run's reward
+        with open(os.path.join(run_dir, "eval", f"step-{e.step}.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        for mode, prefix in (("greedy", "eval/"), ("sampled", "eval/sampled/")):
+            mine = [r for r in rows if r["mode"] == mode]
+            assert sorted(r["index"] for r in mine) == list(range(20))
+            for r in mine:
+                assert r["reward"] == toy_echo_reward(r["response"], records[r["index"]])
+            assert e.metrics[prefix + "accuracy"] == sum(r["reward"] >= 1 for r in mine) / 20
+            assert e.metrics[prefix + "reward_mean"] == pytest.approx(statistics.fmean(r["reward"] for r in mine))
+            assert e.metrics[prefix + "response_length"] == statistics.fmean(r["tokens"] for r in mine)
+    fig = figure(read_metrics(os.path.join(run_dir, "metrics.jsonl")), run.run_id)
+    greedy = next(a for a in fig.axes if a.get_title() == "held-out accuracy").get_lines()[0]
+    assert list(greedy.get_xdata()) == [0, 2, 3]
+    if tensorboard_events.available():
+        assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tensorboard")))

@@ -118,15 +118,20 @@ def test_logprobs_are_unfiltered_by_top_k(engine, hf_model):
             assert tok in logits[p - 1 + k].topk(3).indices.tolist()
 
 
-@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-6)], ids=["top_k=1", "top_p=1e-6"])
-def test_greedy(engine, greedy_refs, sampling):
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0)],
+                         ids=["top_k=1", "top_p=1e-6", "temperature=0"])
+def test_greedy(engine, hf_model, greedy_refs, sampling):
     max_tokens = GREEDY_TOKENS
-    gens = _generate(engine, n=2, temperature=1.0, max_tokens=max_tokens, seed=123, **sampling)
+    sampling = {"temperature": 1.0, **sampling}
+    gens = _generate(engine, n=2, max_tokens=max_tokens, seed=123, **sampling)
     for g in gens:
         assert g.response_ids == greedy_refs[g.prompt_index]
         assert g.finish_reason == ("stop" if g.response_ids[-1] == EOS else "length")
+        if sampling["temperature"] == 0:   # greedy reports logprobs of softmax(logits), finite
+            ref = _reference_logprobs(hf_model, PROMPTS[g.prompt_index], g.response_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(g.logprobs), ref, atol=1e-4, rtol=0)
     # greedy does not depend on the seed
-    again = _generate(engine, n=2, temperature=1.0, max_tokens=max_tokens, seed=999, **sampling)
+    again = _generate(engine, n=2, max_tokens=max_tokens, seed=999, **sampling)
     assert [g.response_ids for g in again] == [g.response_ids for g in gens]
 
 
@@ -343,6 +348,13 @@ def test_fixed_shapes_match_full_forward(fixed_shapes_engine, hf_model, monkeypa
     _assert_match_full_forward(gens, hf_model, sampling["temperature"])
     assert all(r in (1, 2, 4, 8, 16) for r in kept)
     assert _generate(e, n=n, max_tokens=30, seed=21, **sampling) == gens
+
+
+def test_fixed_shapes_greedy(fixed_shapes_engine, hf_model, greedy_refs):
+    """temperature 0 (the coordinator's greedy evaluation) on the decode step a CUDA graph captures."""
+    gens = _generate(fixed_shapes_engine, n=2, temperature=0.0, max_tokens=GREEDY_TOKENS, seed=3)
+    assert all(g.response_ids == greedy_refs[g.prompt_index] for g in gens)
+    _assert_match_full_forward(gens, hf_model, 1.0)
 
 
 def test_longer_requests_grow_the_cache(fixed_shapes_engine, hf_model):

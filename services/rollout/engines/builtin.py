@@ -126,7 +126,10 @@ class BuiltinEngine(Engine):
         row_of = list(range(len(prompts))) + [-1] * (st.rows - len(prompts))   # slot row -> prompt row; -1 padding
         results: dict[int, Generation] = {}
         check = GRAPH_CHECK if self.fixed_shapes else 1
-        st.noise[: st.rows].exponential_(generator=generator)
+        greedy = s.temperature == 0   # argmax: no noise (scores - log 1)
+        draw = (lambda: st.noise[: st.rows].fill_(1.0)) if greedy else (
+            lambda: st.noise[: st.rows].exponential_(generator=generator))
+        draw()
         self._record(st, self._prefill(st, prompts, width), top_k, top_p)
         steps = 1
         while steps < s.max_tokens:
@@ -135,7 +138,7 @@ class BuiltinEngine(Engine):
                 if len(live) == 0:
                     break
                 row_of = self._drop_finished(st, live, row_of, steps, width + steps - 1, results, index)
-            st.noise[: st.rows].exponential_(generator=generator)
+            draw()
             self._step(st, width + steps - 1, top_k, top_p)
             steps += 1
         self._harvest(st, range(st.rows), row_of, steps, results, index)
@@ -152,7 +155,7 @@ class BuiltinEngine(Engine):
             self._graphs, self._pool = {}, None
             st = self._slots = _Slots.allocate(cap_rows, cap_len, self.config.vocab_size, self.device)
         st.rows = rows
-        st.temperature.fill_(s.temperature)
+        st.temperature.fill_(s.temperature or 1.0)   # greedy (0) reports logprobs of softmax(logits)
         st.top_p.fill_(s.top_p)
         st.is_stop.zero_()
         stop = [t for t in set(self.eos_ids) | set(s.stop_token_ids) if 0 <= t < self.config.vocab_size]
