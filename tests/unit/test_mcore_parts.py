@@ -118,32 +118,46 @@ def _gating_source() -> str:
 
 def test_router_patch_is_written_for_this_gating_code():
     """Fails when megatron-core's router gating changes: review patch 2 in patches.py."""
-    from megatron.core.transformer.moe import moe_utils, router
+    from megatron.core.transformer.moe import router
 
     assert hashlib.sha256(_gating_source().encode()).hexdigest()[:16] == GATING_DIGEST
     assert "router_gating_linear(input, self.weight, self.bias, router_dtype)" in inspect.getsource(
         router.TopKRouter.gating)
     patches.install_router_patch()
     patches.install_router_patch()   # idempotent
-    assert router.router_gating_linear.__wrapped__ is moe_utils.router_gating_linear
+    assert not hasattr(router.TopKRouter.gating.__wrapped__, "__wrapped__")
 
 
-def test_router_logits_are_float32_under_autocast_and_backward_runs():
-    """Under autocast megatron's float32 router would multiply in bf16 (autocast casts its mm); the patched
-    call keeps float32, and the backward (outside autocast, as on CUDA) gets matching dtypes."""
-    from megatron.core.transformer.moe import router
+def _router(dtype: str | None):
+    """What TopKRouter.gating reads: its weight, bias and config (megatron's own gate function runs)."""
+    from types import SimpleNamespace
+    weight = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    return SimpleNamespace(weight=weight, bias=None, config=SimpleNamespace(moe_router_dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype,logits_dtype", [("fp32", torch.float32), (None, torch.bfloat16)])
+def test_router_gate_under_autocast_keeps_its_dtype_and_backward_runs(dtype, logits_dtype):
+    """The H200 failure on CPU: float32 activations (megatron's norms keep them float32) reach the gate
+    inside autocast, and backward runs outside it, as the CUDA autograd engine runs it. Unpatched, the
+    float32 router multiplies in bf16 and its backward mixes dtypes; patched, the logits are float32 for
+    fp32 (bf16 for native) and backward runs."""
+    from megatron.core.transformer.moe.router import TopKRouter
 
     patches.install_router_patch()
-    g = torch.Generator().manual_seed(0)
-    inp = torch.randn(8, 16, generator=g).to(torch.bfloat16).requires_grad_()
-    weight = torch.randn(4, 16, generator=g, requires_grad=True)
+    inp = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    module = _router(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = router.router_gating_linear(inp, weight, None, torch.float32)
-        unpatched = router.router_gating_linear.__wrapped__(inp, weight, None, torch.float32)
-    assert logits.dtype == torch.float32 and unpatched.dtype == torch.bfloat16
-    torch.testing.assert_close(logits, inp.float() @ weight.t(), rtol=0, atol=0)
-    logits.sum().backward()   # outside autocast, as the autograd engine runs CUDA backward
-    assert inp.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+        unpatched = TopKRouter.gating.__wrapped__(module, inp)
+    assert unpatched.dtype == torch.bfloat16          # what megatron computes, whatever the key says
+    with pytest.raises(RuntimeError, match="same dtype"):
+        unpatched.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = TopKRouter.gating(module, inp)
+    assert logits.dtype == logits_dtype
+    if dtype == "fp32":
+        torch.testing.assert_close(logits, inp @ module.weight.t(), rtol=0, atol=0)
+    logits.float().sum().backward()
+    assert inp.grad.dtype == torch.float32 and module.weight.grad.dtype == torch.float32
 
 
 def _scatter_case(seed: int, topk: int = 4, tokens: int = 64, hidden: int = 32):

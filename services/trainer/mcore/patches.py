@@ -13,15 +13,16 @@ Patch 1: the accumulation dtype of MoE `unpermute` (`models.policy_trainer.moe_u
   `moe_permute_fusion=True` (Transformer Engine's fused kernel) is not touched: it needs TE, which
   the backend refuses without.
 
-Patch 2: the router's gating linear under autocast (`models.policy_trainer.moe_router_dtype`).
+Patch 2: the router's gate under autocast (`models.policy_trainer.moe_router_dtype`).
   `TopKRouter.gating` computes the router logits with `router_gating_linear`, an autograd Function
   that casts input and weight to the router dtype (float32 by default) and multiplies them with
-  `torch.mm`. Inside a CUDA autocast region (bf16 training without Transformer Engine) autocast casts
-  that `mm` back to bf16: the "float32 router" is silently a bf16 one, and its backward, which runs
-  outside autocast, then multiplies the bf16 gradient by the float32 weight and fails ("expected mat1
-  and mat2 to have the same dtype", seen on an H200). The router's module-level reference to the
-  function is wrapped to run it with autocast off whenever the router dtype is wider than the
-  activations, so the logits really are float32 (or float64), as the key says.
+  `torch.mm`. Inside an autocast region (bf16 training without Transformer Engine) autocast casts
+  that `mm` to bf16: the "float32 router" is silently a bf16 one, and its backward, which the CUDA
+  autograd engine runs outside autocast, multiplies the bf16 gradient by the float32 weight and fails
+  ("expected mat1 and mat2 to have the same dtype", seen on an H200). `gating` is wrapped to run with
+  autocast off, so the router dtype decides the precision as the key says: float32 / float64 logits,
+  or for `native` the autocast dtype (the input is cast to it first, as the bf16 gate matmul of the
+  HF and vLLM forwards computes it).
 """
 from __future__ import annotations
 
@@ -43,23 +44,26 @@ def _wrap(original):
     return unpermute
 
 
-def _router_outside_autocast(original):
-    def router_gating_linear(inp, weight, bias, router_dtype):
-        if router_dtype == inp.dtype or not torch.is_autocast_enabled(inp.device.type):
-            return original(inp, weight, bias, router_dtype)
-        with torch.autocast(inp.device.type, enabled=False):
-            return original(inp, weight, bias, router_dtype)
+def _gating_outside_autocast(original):
+    def gating(self, input: torch.Tensor):
+        device = input.device.type
+        if not torch.is_autocast_enabled(device):
+            return original(self, input)
+        with torch.autocast(device, enabled=False):
+            if self.config.moe_router_dtype is None:   # native: the compute dtype
+                input = input.to(torch.get_autocast_dtype(device))
+            return original(self, input)
 
-    router_gating_linear.__wrapped__ = original
-    return router_gating_linear
+    gating.__wrapped__ = original
+    return gating
 
 
 def install_router_patch() -> None:
-    """Patch 2 (idempotent): the router's gating linear honours moe_router_dtype under autocast."""
-    from megatron.core.transformer.moe import router
+    """Patch 2 (idempotent): the router's gate honours moe_router_dtype under autocast."""
+    from megatron.core.transformer.moe.router import TopKRouter
 
-    if not hasattr(router.router_gating_linear, "__wrapped__"):
-        router.router_gating_linear = _router_outside_autocast(router.router_gating_linear)
+    if not hasattr(TopKRouter.gating, "__wrapped__"):
+        TopKRouter.gating = _gating_outside_autocast(TopKRouter.gating)
 
 
 def set_unpermute_dtype(dtype: torch.dtype | None) -> None:
