@@ -10,10 +10,9 @@ import pytest
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.import_gguf import import_gguf, shipped_smollm2
-from services.common.rpc import make_channel
 from services.coordinator.arithmetic import write_split
 from services.coordinator.demo import ARITHMETIC, REAL_CONFIG, greedy_outcomes, mcnemar_p
-from services.coordinator.local import LocalCluster
+from services.coordinator.local import ROOT, LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +30,14 @@ def test_smollm2_learns_held_out_arithmetic(tmp_path, monkeypatch):
     # the demo's split (the first 48 of its 100 held-out problems): the first 8 episodes of `make demo-real`
     train, held_out = write_split(str(tmp_path / "task"), **{**ARITHMETIC, "eval": EVAL_PROMPTS})
     monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1))   # trainer and rollout take turns
-    cluster = LocalCluster(str(tmp_path / "logs"))
+    cluster = LocalCluster(str(tmp_path / "logs"), roots=[str(tmp_path)])   # model, task and run live in tmp_path
     try:
         coordinator, _, _ = cluster.deploy(str(tmp_path / "state"))
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coordinator.address))
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(cluster.channel(coordinator))
         overrides = [f"models.policy.load={model}", f"runtime_args.data_path={train}",
                      f"runtime_args.eval_data_path={held_out}", f"runtime_args.output_dir={tmp_path / 'out'}",
                      f"runtime_args.num_episode={STEPS}", "runtime_args.eval_episode_interval=0"]
-        run = stub.StartRun(cpb.StartRunRequest(config_path=REAL_CONFIG, overrides=overrides))
+        run = stub.StartRun(cpb.StartRunRequest(config_path=os.path.relpath(REAL_CONFIG, ROOT), overrides=overrides))
         events = list(stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=1500))
         info = stub.GetRun(cpb.RunRef(run_id=run.run_id))
     finally:
