@@ -91,6 +91,11 @@ class Colocated(Placement):
 
     name = "colocated"
 
+    def describe(self) -> str:
+        handover = ("" if not isinstance(self.actions, NoActions) else
+                    " (phases take turns; no memory is handed over: the services' sleep/offload calls are not wired)")
+        return super().describe() + handover
+
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
         self.actions.offload_trainer()

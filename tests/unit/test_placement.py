@@ -66,4 +66,7 @@ def test_disaggregated_hooks_do_nothing():
     actions = Recorder()
     _step(Placement(actions, "test"), actions.calls)
     assert actions.calls == ["generate", "train", "sync"]
-    _step(Colocated(NoActions(), "cpu"), [])   # the stand-in until the services have the RPCs
+    stand_in = Colocated(NoActions(), "shared GPU")   # until the services have the RPCs
+    _step(stand_in, [])
+    assert "no memory is handed over" in stand_in.describe()
+    assert "no memory" not in Colocated(Recorder(), "shared GPU").describe()
