@@ -94,6 +94,7 @@ def main() -> None:
     model = build_model(os.path.join(work, "model"), args.shape)
     cluster = LocalCluster(os.path.join(work, "logs"), roots=[work])
     runs: dict[str, list[list[dict]]] = {m: [] for m in args.modes}
+    load: dict[str, list[float]] = {m: [] for m in args.modes}
     base = [f"runtime_args.data_path={data}", f"models.policy.load={model}",
             f"runtime_args.output_dir={work}/out", f"runtime_args.num_episode={args.steps}"]
     if any(d.startswith("cuda") for d in (args.trainer_device, *args.rollout_devices)):   # bf16 on both sides
@@ -116,6 +117,7 @@ def main() -> None:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coord.address))
         for _ in range(args.repeats):
             for mode in args.modes:
+                load[mode].append(os.getloadavg()[0])   # a shared machine: how busy it was as each run began
                 runs[mode].append(run_once(stub, base + MODES[mode] + args.set))
                 print(f"{mode}: {len(runs[mode][-1])} steps, median step "
                       f"{statistics.median(m['time/step'] for m in runs[mode][-1][1:]):.3f} s", flush=True)
@@ -126,7 +128,7 @@ def main() -> None:
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "shape": args.shape,
               "trainer_device": args.trainer_device, "rollout_devices": args.rollout_devices,
               "shared_gpu": args.trainer_device.startswith("cuda") and args.trainer_device in args.rollout_devices,
-              "summary": summary, "runs": runs}
+              "load_average_1min_at_start": load, "summary": summary, "runs": runs}
     if "sync" in summary:
         result["step_time_ratio_vs_sync"] = {m: s["time/step"] / summary["sync"]["time/step"]
                                              for m, s in summary.items()}

@@ -97,7 +97,7 @@ def run_grpo(ctx: RunContext) -> None:
                                                ctx.rollouts.discarded))
             if ra.save_episode_interval and step % ra.save_episode_interval == 0:
                 checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")
-                with activity("trainer"):
+                with activity("trainer"), placement.train():
                     ctx.trainer.save_checkpoint(checkpoint, step, batch.data_position)
                     if cfg.models.policy_trainer.save_hf:
                         ctx.trainer.export_hf(os.path.join(checkpoint, "hf"))
