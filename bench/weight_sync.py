@@ -110,7 +110,9 @@ def measure_ours(model_dir: str, args) -> dict:
                                       sampling=pb.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=32,
                                                                  seed=1), n=2)
         samples = [decode_sample(m) for m in pool.replicas[0].stub.Generate(request)]
-        agreement = logprob_agreement(tclient, samples, k=2, threshold=float("inf"), temperature=1.0)
+        # (the syncs above relabel the trainer's unchanged weights: the samples' version is the trainer's)
+        agreement = logprob_agreement(tclient, samples, k=2, threshold=float("inf"), temperature=1.0,
+                                      trainer_version=samples[0].version)
         info = tclient.call("GetInfo", pb.Empty())
         return {"setup_seconds": setup_s, "group_setup_seconds": group_s, "bytes": runs[0]["sync/bytes"],
                 "params": sum(int(torch.tensor(list(p.shape)).prod()) for p in info.params),

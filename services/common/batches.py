@@ -57,6 +57,9 @@ class MicroBatch:
     temperature: float = 1.0
     padded: bool = False
     step: int = 0
+    # float32 [T]: the trainer's logprobs before the episode's first optimizer step (truncated importance
+    # sampling, models.policy_trainer.tis_cap); None in that first step, whose own forward has them
+    proximal_logprobs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,11 +96,14 @@ def split_into_micro_batches(seqs: Sequence[TrainSequence], *, packing: bool, ma
 
 
 def to_proto(mb: MicroBatch) -> pb.PackedBatch:
-    return pb.PackedBatch(
+    msg = pb.PackedBatch(
         input_ids=to_wire(mb.input_ids.to(torch.int32)), cu_seqlens=to_wire(cu_seqlens_for(mb.seq_lens)),
         loss_mask=to_wire(mb.loss_mask.to(torch.uint8)), old_logprobs=to_wire(mb.old_logprobs),
         advantages=to_wire(mb.advantages), versions=to_wire(mb.versions), num_global_tokens=mb.num_global_tokens,
         temperature=mb.temperature, padded=mb.padded, step=mb.step)
+    if mb.proximal_logprobs is not None:
+        msg.proximal_logprobs.CopyFrom(to_wire(mb.proximal_logprobs))
+    return msg
 
 
 def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_training: bool = True) -> MicroBatch:
@@ -124,12 +130,15 @@ def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_traini
         return MicroBatch(ids, seq_lens, zeros.bool(), zeros, zeros, torch.zeros(len(seq_lens), dtype=torch.int64),
                           1, msg.temperature, msg.padded, msg.step)
     per_token = {}
-    for field, dtype in (("loss_mask", torch.uint8), ("old_logprobs", torch.float32), ("advantages", torch.float32)):
+    fields = [("loss_mask", torch.uint8), ("old_logprobs", torch.float32), ("advantages", torch.float32)]
+    if msg.HasField("proximal_logprobs"):
+        fields.append(("proximal_logprobs", torch.float32))
+    for field, dtype in fields:
         tensor = from_wire(getattr(msg, field), field, dtype=dtype, ndim=1)
         if tensor.numel() != t:
             raise ValueError(f"{field} has {tensor.numel()} entries, input_ids has {t}")
         per_token[field] = tensor
-    old, adv = per_token["old_logprobs"], per_token["advantages"]
+    old, adv, prox = per_token["old_logprobs"], per_token["advantages"], per_token.get("proximal_logprobs")
     if not bool(torch.isfinite(old).all() and torch.isfinite(adv).all()):
         raise ValueError("old_logprobs and advantages must be finite")
     versions = from_wire(msg.versions, "versions", dtype=torch.int64, ndim=1)
@@ -145,6 +154,11 @@ def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_traini
     if bool((old[mask] < MIN_OLD_LOGPROB).any() or (old[mask] > 1e-4).any()):
         raise ValueError(f"old_logprobs must be log-probabilities in [{MIN_OLD_LOGPROB}, 0] on the loss mask "
                          f"(the rollout's logprobs of sampled tokens)")
+    # the trainer's own logprobs, bounded like the rollout's: the PPO ratio exp(new - proximal) stays finite
+    if prox is not None and not bool(torch.isfinite(prox).all() and not prox[~mask].any()
+                                     and (prox[mask] >= MIN_OLD_LOGPROB).all() and (prox[mask] <= 1e-4).all()):
+        raise ValueError(f"proximal_logprobs must be finite log-probabilities in [{MIN_OLD_LOGPROB}, 0] on the loss "
+                         f"mask and 0 off it (the trainer's logprobs before the episode's first optimizer step)")
     if bool((adv.abs() > MAX_ABS_ADVANTAGE).any()):
         raise ValueError(f"advantages must be within +-{MAX_ABS_ADVANTAGE:g} (group-normalised advantages are at most "
                          f"sqrt(runtime_args.num_inference_per_prompt))")
@@ -155,7 +169,7 @@ def from_proto(msg: pb.PackedBatch, *, vocab_size: int | None = None, for_traini
         raise ValueError(f"num_global_tokens={msg.num_global_tokens} is smaller than this batch's "
                          f"{int(mask.sum())} loss tokens")
     return MicroBatch(ids, seq_lens, mask, old, adv, versions, int(msg.num_global_tokens), msg.temperature,
-                      msg.padded, msg.step)
+                      msg.padded, msg.step, prox)
 
 
 @dataclass(frozen=True)
@@ -169,19 +183,23 @@ class BatchLimits:
     max_step_sequences: int      # sequences of one Train call: runtime_args.train_global_batch_size
     max_loss_tokens: int         # num_global_tokens: loss tokens of one optimizer step
     versions: tuple[int, int]    # oldest and newest policy version a trained sample may carry
+    off_policy_steps: int = 0    # runtime_args.off_policy_steps: how many episodes older the oldest may be
+    tis: bool = False            # truncated importance sampling on: proximal_logprobs may come
 
     @classmethod
     def of(cls, cfg: RLConfig, step: int) -> BatchLimits:
         ra, p, t = cfg.runtime_args, cfg.models.policy, cfg.models.policy_trainer
         sample = p.max_prompt_tokens_length + p.max_response_tokens_length
         gbs = ra.train_global_batch_size
-        # an episode's samples are generated by one version and train over its optimizer steps
-        lag = ra.sample_per_episode // gbs - 1
+        # an episode's samples are generated by one version and train over its optimizer steps; with
+        # off_policy_steps = d they were generated up to d episodes before the trainer's episode began
+        lag = (ra.off_policy_steps + 1) * (ra.sample_per_episode // gbs) - 1
         return cls(temperature=p.temperature, max_sequence=sample,
                    max_tokens=t.max_token_in_packing if t.packing else ra.train_micro_batch_size * sample,
                    max_sequences=gbs if t.packing else ra.train_micro_batch_size, max_step_tokens=gbs * sample,
                    max_step_sequences=gbs,
-                   max_loss_tokens=gbs * p.max_response_tokens_length, versions=(max(step - lag, 0), step))
+                   max_loss_tokens=gbs * p.max_response_tokens_length, versions=(max(step - lag, 0), step),
+                   off_policy_steps=ra.off_policy_steps, tis=t.tis_cap is not None)
 
     def check_step(self, tokens: int, sequences: int) -> None:
         """Tokens and sequences of one call: at most one optimizer step's."""
@@ -212,5 +230,9 @@ class BatchLimits:
         oldest, newest = self.versions
         if bool((mb.versions < oldest).any() or (mb.versions > newest).any()):
             raise ValueError(f"versions {sorted(set(mb.versions.tolist()))[:4]} are outside [{oldest}, {newest}]: "
-                             f"samples of policy versions older than one episode (or newer than the trainer's step "
-                             f"{newest}) are refused")
+                             f"samples of policy versions older than runtime_args.off_policy_steps="
+                             f"{self.off_policy_steps} episodes before the current one (or newer than the trainer's "
+                             f"step {newest}) are refused")
+        if mb.proximal_logprobs is not None and not self.tis:
+            raise ValueError("proximal_logprobs are given but models.policy_trainer.tis_cap is not set: they serve "
+                             "only truncated importance sampling")

@@ -31,6 +31,8 @@ TRAINER_DTYPES = ("auto", "float32", "bfloat16")
 TRAINER_ATTENTION = ("sdpa", "flex_attention")
 RECOMPUTE = (None, "full", "selective")
 MOE_DTYPES = ("fp32", "fp64", "native")
+PLACEMENTS = ("auto", "colocated", "disaggregated")
+TIS_MODES = ("truncate", "mask")
 # Sampling temperatures accepted anywhere (config, Generate, Train): below 0.01 float32 logits / T
 # overflow to inf and the logprobs turn NaN; above 100 the distribution is uniform to float32 precision.
 # (0 on the wire means greedy decoding, which evaluation asks for.)
@@ -80,6 +82,8 @@ class RuntimeArgs:
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
     step_retries: int = 1  # how often a failed rollout is retried on other replicas
     resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
+    placement: str = "auto"  # colocated (take turns on shared GPUs), disaggregated, or auto (from the services' GPUs)
+    off_policy_steps: int = 0  # rollout runs up to N steps ahead of training (0 = synchronous; N > 0: disaggregated)
     rpc_timeout_s: RpcTimeouts = field(default_factory=RpcTimeouts)  # deadlines of the calls between services
 
 
@@ -128,6 +132,8 @@ class PolicyTrainerConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     pos_clip_ratio: float = 0.2  # upper clip: ratio <= 1 + pos_clip_ratio
     neg_clip_ratio: float = 0.2  # lower clip: ratio >= 1 - neg_clip_ratio
+    tis_cap: Optional[float] = None  # truncated importance sampling: cap of the trainer/rollout weight (None = off)
+    tis_mode: str = "truncate"  # truncate (weight = min(ratio, tis_cap)) or mask (ratio > tis_cap: weight 0)
     ulysses_sequence_parallel_size: int = 1  # devices one sequence is split over (Ulysses)
     groupgemm: bool = False  # grouped GEMM for MoE experts
     attn_implementation: str = "sdpa"  # trainer attention over packed rows: sdpa or flex_attention (block-sparse)
@@ -250,6 +256,8 @@ _RANGES: list[_Check] = [
     ("runtime_args.exp_name", lambda v: re.fullmatch(EXP_NAME_PATTERN, v) is not None,
      "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a directory)"),
     ("runtime_args.step_retries", lambda v: v >= 0, ">= 0"),
+    _one_of("runtime_args.placement", PLACEMENTS),
+    ("runtime_args.off_policy_steps", lambda v: v >= 0, ">= 0 (0 = synchronous)"),
     ("runtime_args.logprob_diff_threshold", lambda v: v > 0, "> 0"),
     _one_of("models.policy.engine", ENGINES),
     _one_of("models.policy.dtype", ROLLOUT_DTYPES),
@@ -281,6 +289,9 @@ _RANGES: list[_Check] = [
     ("models.policy_trainer.recompute_granularity", lambda v: v in RECOMPUTE, "null, full or selective"),
     _one_of("models.policy_trainer.moe_unpermute_dtype", ("fp32", "native")),
     _one_of("models.policy_trainer.moe_router_dtype", MOE_DTYPES),
+    ("models.policy_trainer.tis_cap", lambda v: v is None or v >= 1,
+     ">= 1 (the weight's cap; an on-policy token has weight 1), or null (off)"),
+    _one_of("models.policy_trainer.tis_mode", TIS_MODES),
     ("models.reward.timeout_s", lambda v: 0 < v <= 3600, "0 < seconds <= 3600"),
     ("models.reward.num_workers", lambda v: 1 <= v <= 64, "1 <= value <= 64"),
 ]
@@ -317,6 +328,8 @@ APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
     ("models.policy_trainer.max_token_in_packing", lambda c: c.models.policy_trainer.packing,
      "with models.policy_trainer.packing=True (padded micro-batches hold runtime_args.train_micro_batch_size "
      "samples)"),
+    ("models.policy_trainer.tis_mode", lambda c: c.models.policy_trainer.tis_cap is not None,
+     "with models.policy_trainer.tis_cap set (truncated importance sampling is off without it)"),
     ("models.policy_trainer.ref_offload", lambda c: c.models.policy_trainer.kl_coef > 0,
      "with models.policy_trainer.kl_coef > 0 (only the KL term uses a reference model)"),
     ("models.policy_trainer.save_hf", lambda c: c.runtime_args.save_episode_interval > 0,
@@ -370,6 +383,10 @@ def _consistency_errors(cfg: RLConfig) -> list[str]:
     if cfg.runtime_args.eval_episode_interval and not cfg.runtime_args.eval_data_path:
         errors.append(f"runtime_args.eval_episode_interval={cfg.runtime_args.eval_episode_interval} needs "
                       "runtime_args.eval_data_path (the held-out prompts); set it, or leave the interval at 0")
+    if cfg.runtime_args.placement == "colocated" and cfg.runtime_args.off_policy_steps > 0:
+        errors.append(f"runtime_args.off_policy_steps={cfg.runtime_args.off_policy_steps} overlaps rollout and "
+                      "training, which runtime_args.placement=colocated runs in turns (each hands its GPU memory to "
+                      "the other); use placement=disaggregated (or auto) or off_policy_steps=0")
     sample_len = pol.max_prompt_tokens_length + pol.max_response_tokens_length
     if tr.packing and tr.max_token_in_packing < sample_len:
         errors.append(f"models.policy_trainer.max_token_in_packing={tr.max_token_in_packing}"

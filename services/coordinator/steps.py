@@ -11,6 +11,7 @@ import torch
 
 from rlgrid.v1 import common_pb2 as pb
 from services.common.batches import (
+    MIN_OLD_LOGPROB,
     MicroBatch,
     TrainSequence,
     make_micro_batch,
@@ -19,7 +20,12 @@ from services.common.batches import (
 from services.common.config import RLConfig
 from services.coordinator.clients import GenSample, StepError, TrainerClient
 from services.coordinator.data import PromptRecord
+from services.coordinator.overlap import Activity
+from services.coordinator.producer import Batch
 from services.coordinator.reward_pool import RewardPool
+
+# how the extremes of optimizer steps combine (the trainer's loss metrics named *_min / *_max)
+EXTREMES = {"_min": min, "_max": max}
 
 
 @dataclass
@@ -59,14 +65,24 @@ def sampling_params(cfg: RLConfig, seed: int, greedy: bool = False) -> pb.Sampli
                              seed=seed)
 
 
-def check_versions(samples: list[GenSample], version: int, step: int) -> None:
-    """Every sample must come from the weights just synced: one of another version is refused."""
-    stale = [s for s in samples if s.version != version]
+def check_versions(batch: Batch, trainer_version: int, cfg: RLConfig) -> int:
+    """Every sample must come from the version the replicas were synced to before its batch began
+    (one of another version is refused), and that version may be at most runtime_args.off_policy_steps
+    episodes behind the trainer's. Returns the lag in optimizer steps."""
+    ra = cfg.runtime_args
+    stale = [s for s in batch.samples if s.version != batch.version]
     if stale:
         replicas = sorted({f"{s.replica} (version {s.version})" for s in stale})
-        raise StepError(f"step {step}: {len(stale)} samples carry another policy version than {version}, the one "
-                        f"just synced; refused. From {', '.join(replicas)}: a replica missed a weight sync "
-                        f"(e.g. it restarted with its initial weights)", {"rollout/stale_samples": float(len(stale))})
+        raise StepError(f"step {batch.step}: {len(stale)} samples carry another policy version than {batch.version}, "
+                        f"the one synced before they were generated; refused. From {', '.join(replicas)}: a replica "
+                        f"missed a weight sync (e.g. it restarted with its initial weights)",
+                        {"rollout/stale_samples": float(len(stale))})
+    lag, bound = trainer_version - batch.version, ra.off_policy_steps * (ra.sample_per_episode // ra.train_global_batch_size)
+    if not 0 <= lag <= bound:
+        raise StepError(f"step {batch.step}: samples of policy version {batch.version} are {lag} optimizer steps behind "
+                        f"the trainer's version {trainer_version}; runtime_args.off_policy_steps={ra.off_policy_steps} "
+                        f"allows {bound}; refused", {"rollout/policy_lag": float(lag)})
+    return lag
 
 
 def score(rewards: RewardPool, tokenizer, samples: list[GenSample], records: list[PromptRecord]
@@ -92,12 +108,26 @@ def optimizer_steps(seqs: list[TrainSequence], cfg: RLConfig, step: int) -> list
             for i in range(0, len(seqs), size) if seqs[i: i + size]]
 
 
+def add_proximal_logprobs(trainer: TrainerClient, steps: list[list[MicroBatch]], cfg: RLConfig) -> None:
+    """Truncated importance sampling (models.policy_trainer.tis_cap): the micro-batches of every optimizer
+    step after the episode's first get the trainer's logprobs of their tokens under its weights now,
+    before the first step (which computes them in its own forward). Nothing without tis_cap."""
+    if cfg.models.policy_trainer.tis_cap is None:
+        return
+    for mb in (mb for mbs in steps[1:] for mb in mbs):
+        lp = trainer.logprobs(mb).clamp(MIN_OLD_LOGPROB, 0.0)   # the bounds the trainer accepts (batches.py)
+        mb.proximal_logprobs = torch.where(mb.loss_mask, lp, torch.zeros_like(lp))
+
+
 def logprob_agreement(trainer: TrainerClient, samples: list[GenSample], *, k: int, threshold: float,
-                      temperature: float) -> float:
+                      temperature: float, trainer_version: int) -> float | None:
     """Max |trainer logprob - rollout logprob| over the response tokens of k samples; fails the step
-    above runtime_args.logprob_diff_threshold."""
+    above runtime_args.logprob_diff_threshold. None when the samples are of an older version than the
+    trainer's (off-policy steps): its weights are not theirs, so there is nothing to compare."""
     if k <= 0:   # runtime_args.agreement_samples=0 turns the check off
         return 0.0
+    if any(s.version != trainer_version for s in samples):
+        return None
     by_replica: dict[str, list[GenSample]] = {}
     for s in samples:
         if s.response_ids:
@@ -119,8 +149,11 @@ def logprob_agreement(trainer: TrainerClient, samples: list[GenSample], *, k: in
 
 
 class Timer:
+    """Seconds of a step's named phases, and the step's wall time since the timer was made."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -129,22 +162,28 @@ class Timer:
         self.seconds[f"time/{name}"] = time.perf_counter() - start
 
 
-def step_metrics(samples: list[GenSample], rewards: torch.Tensor, reward_timeouts: int, train: list[dict[str, float]],
-                 agreement: float, sync: dict[str, float], timer: Timer, discarded: int) -> dict[str, float]:
+def step_metrics(batch: Batch, lag: int, train: list[dict[str, float]], agreement: float | None,
+                 sync: dict[str, float], timer: Timer, activity: Activity, discarded: int) -> dict[str, float]:
+    samples, rewards = batch.samples, batch.rewards
     lengths = [len(s.response_ids) for s in samples]
     merged: dict[str, float] = {}
-    for m in train:   # sums over optimizer steps for counters, means for the rest
+    for m in train:   # sums over optimizer steps for counters, extremes by min / max, means for the rest
         for k, v in m.items():
-            merged[k] = merged.get(k, 0.0) + v
-    means = {f"train/{k}": (v if k in ("tokens", "micro_batches", "seconds") else v / len(train))
+            extreme = EXTREMES.get(k[k.rfind("_"):])
+            merged[k] = extreme(merged.get(k, v), v) if extreme else merged.get(k, 0.0) + v
+    means = {f"train/{k}": (v if k in ("tokens", "micro_batches", "seconds") or k[k.rfind("_"):] in EXTREMES
+                            else v / len(train))
              for k, v in merged.items()}
-    total = sum(timer.seconds.values())
+    end = time.perf_counter()
+    checked = {} if agreement is None else {"agreement/max_abs_diff": agreement}
     return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "reward/timeouts": float(reward_timeouts),   # samples over models.reward.timeout_s, scored 0
+            "reward/timeouts": float(batch.reward_timeouts),   # samples over models.reward.timeout_s, scored 0
             "response_length/mean": statistics.fmean(lengths), "response_length/max": float(max(lengths)),
             "response/truncated_frac": sum(s.finish_reason == pb.LENGTH for s in samples) / len(samples),
-            "rollout/policy_version": float(min(s.version for s in samples)),
+            "rollout/policy_version": float(batch.version),
+            "rollout/policy_lag": float(lag),   # optimizer steps the trainer was ahead when it trained them
             "rollout/replicas": float(len({s.replica for s in samples})),
             "rollout/discarded_samples_total": float(discarded),   # cut short by a failed replica, regenerated
-            "rollout/tokens_per_s": sum(lengths) / max(timer.seconds.get("time/rollout", 0.0), 1e-9),
-            "agreement/max_abs_diff": agreement, **means, **sync, **timer.seconds, "time/step": total}
+            "rollout/tokens_per_s": sum(lengths) / max(batch.seconds.get("time/rollout", 0.0), 1e-9),
+            **checked, **means, **sync, **batch.seconds, **timer.seconds, "time/step": end - timer.start,
+            **activity.report(timer.start, end)}

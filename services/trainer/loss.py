@@ -6,14 +6,24 @@ Every term is normalised by the number of loss tokens in the whole optimizer
 step (``num_global_tokens``), so summing micro-batch losses under gradient
 accumulation, across micro-batches and ranks of different sizes, yields exactly
 the gradient of the token mean over the global batch.
+
+Three log-probabilities of a sampled token appear here (see :func:`policy_loss`):
+the rollout engine's (``old_logprobs``, the behaviour policy that sampled it, at
+the policy version the sample carries), the trainer's before this episode's
+update (``proximal_logprobs``, computed without grad) and the trainer's now
+(``logprobs``, with grad).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from services.common.config import PolicyTrainerConfig
 
 
 @dataclass(frozen=True)
@@ -28,12 +38,26 @@ class LossConfig:
             (for negative advantages this bounds how far it is pushed down).
         kl_coef: weight of the k3 KL estimator to the frozen reference policy.
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        tis_cap: truncated importance sampling on (``None``: off). Each token's
+            policy-gradient term is weighted by the trainer/rollout probability
+            ratio, capped here (see :func:`policy_loss`).
+        tis_mode: ``"truncate"``: a weight above the cap becomes the cap;
+            ``"mask"``: a token whose weight exceeds the cap is left out (weight 0).
     """
 
     pos_clip_ratio: float = 0.2
     neg_clip_ratio: float = 0.2
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    tis_cap: float | None = None
+    tis_mode: str = "truncate"
+
+    @classmethod
+    def of(cls, trainer_cfg: PolicyTrainerConfig) -> LossConfig:
+        """The loss of ``models.policy_trainer``: every backend builds it here."""
+        t = trainer_cfg
+        return cls(pos_clip_ratio=t.pos_clip_ratio, neg_clip_ratio=t.neg_clip_ratio, kl_coef=t.kl_coef,
+                   entropy_coef=t.entropy_coef, tis_cap=t.tis_cap, tis_mode=t.tis_mode)
 
     def __post_init__(self) -> None:
         if self.pos_clip_ratio < 0:
@@ -44,6 +68,10 @@ class LossConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.entropy_coef < 0:
             raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.tis_cap is not None and not self.tis_cap >= 1:
+            raise ValueError(f"tis_cap must be >= 1 or None, got {self.tis_cap}")
+        if self.tis_mode not in ("truncate", "mask"):
+            raise ValueError(f"tis_mode must be truncate or mask, got {self.tis_mode!r}")
 
 
 def policy_loss(
@@ -56,20 +84,39 @@ def policy_loss(
     num_global_tokens: int,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    proximal_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip policy loss with asymmetric clipping, k3 KL and entropy bonus.
+    """PPO-clip policy loss with asymmetric clipping, k3 KL, entropy bonus and, when
+    ``cfg.tis_cap`` is set, truncated importance sampling (TIS).
 
-    Per token ``t`` with ``ratio = exp(logprobs - old_logprobs)``::
+    Without TIS, per token ``t`` with ``ratio = exp(logprobs - old_logprobs)``::
 
         pg  = max(-A * ratio, -A * clamp(ratio, 1 - neg_clip_ratio, 1 + pos_clip_ratio))
         kl  = exp(ref - logprobs) - (ref - logprobs) - 1          # k3, >= 0
         loss = sum_t mask_t * (pg + kl_coef * kl - entropy_coef * entropy) / num_global_tokens
 
+    With TIS (decoupled PPO: the rollout's policy samples, the trainer's policy before this
+    episode's update is the one PPO stays close to)::
+
+        prox   = proximal_logprobs, or logprobs.detach() when not given
+        ratio  = exp(logprobs - prox)                     # clipped as above
+        is     = exp(prox - old_logprobs)                 # trainer / rollout probability of the token
+        w      = min(is, tis_cap)                         # tis_mode=truncate
+               = is if is <= tis_cap else 0               # tis_mode=mask
+        pg     = w * max(-A * ratio, -A * clamp(ratio, ...))
+
+    ``is`` corrects for the samples coming from another policy than the trainer's: an older
+    version (``runtime_args.off_policy_steps``) and the rollout engine's numerics. Its cap bounds
+    the variance (truncated IS; masking drops the tokens instead). ``prox`` is the trainer's
+    logprob under the weights it had at the start of the episode's training: in the episode's
+    first optimizer step those are the weights of this very forward, so ``logprobs.detach()`` is
+    exact; later optimizer steps receive it computed before the episode's first one.
+
     Args:
         logprobs: [T] log-probabilities of the taken tokens under the current
             policy (carries the gradient).
         old_logprobs: [T] log-probabilities under the policy that generated the
-            samples (treated as constants).
+            samples: the rollout engine's (treated as constants).
         advantages: [T] per-token advantages.
         loss_mask: [T] bool or 0/1 mask; tokens with 0 contribute nothing.
         cfg: loss coefficients.
@@ -83,6 +130,8 @@ def policy_loss(
             per token (see :func:`token_logprobs_and_entropy`). Required when
             ``cfg.entropy_coef > 0``; when given, it is reported even if
             ``cfg.entropy_coef == 0``.
+        proximal_logprobs: [T] the trainer's log-probabilities before the
+            episode's first optimizer step (TIS only; treated as constants).
 
     Returns:
         ``(loss, metrics)``. ``loss`` is a scalar to backpropagate. ``metrics``
@@ -90,11 +139,15 @@ def policy_loss(
         the micro-batches of a step: ``"pg_loss"``, ``"clip_frac"`` (fraction of
         loss tokens whose clipped term was active), ``"kl"`` (0 when no
         ``ref_logprobs`` were given), ``"entropy"`` (only when ``entropy`` is
-        given) and ``"loss"``.
+        given) and ``"loss"``. With TIS also ``"tis_ratio_mean"`` and
+        ``"tis_clip_frac"`` (fraction of loss tokens whose ``is`` exceeds the cap),
+        which add up the same way, and ``"tis_ratio_min"`` / ``"tis_ratio_max"``,
+        which combine by min / max (:func:`combine_metrics`; +-inf without loss tokens).
 
     Raises:
         ValueError: on shape mismatches, a non-positive ``num_global_tokens``,
-            or a missing ``ref_logprobs`` / ``entropy`` needed by ``cfg``.
+            a missing ``ref_logprobs`` / ``entropy`` needed by ``cfg``, or
+            ``proximal_logprobs`` given without TIS.
     """
     if num_global_tokens <= 0:
         raise ValueError(f"num_global_tokens must be > 0, got {num_global_tokens}")
@@ -108,8 +161,11 @@ def policy_loss(
             f"entropy_coef={cfg.entropy_coef} > 0 but entropy is None: the trainer must compute "
             "per-token entropy (token_logprobs_and_entropy(..., with_entropy=True))"
         )
+    if proximal_logprobs is not None and cfg.tis_cap is None:
+        raise ValueError("proximal_logprobs are given but tis_cap is None: they are used only by truncated "
+                         "importance sampling")
     named = {"old_logprobs": old_logprobs, "advantages": advantages, "loss_mask": loss_mask,
-             "ref_logprobs": ref_logprobs, "entropy": entropy}
+             "ref_logprobs": ref_logprobs, "entropy": entropy, "proximal_logprobs": proximal_logprobs}
     if logprobs.dim() != 1:
         raise ValueError(f"logprobs must be 1-D over flattened tokens, got shape {tuple(logprobs.shape)}")
     for name, tensor in named.items():
@@ -123,20 +179,37 @@ def policy_loss(
     def masked_mean(values: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, values, torch.zeros_like(values)).sum() / num_global_tokens
 
-    ratio = torch.exp(logprobs - old_logprobs.detach())
+    tis = cfg.tis_cap is not None
+    if tis:
+        prox = (proximal_logprobs if proximal_logprobs is not None else logprobs).detach()
+        ratio = torch.exp(logprobs - prox)
+    else:
+        ratio = torch.exp(logprobs - old_logprobs.detach())
     clipped_ratio = torch.clamp(ratio, 1.0 - cfg.neg_clip_ratio, 1.0 + cfg.pos_clip_ratio)
     unclipped_obj = -advantages * ratio
     clipped_obj = -advantages * clipped_ratio
-    pg_loss = masked_mean(torch.maximum(unclipped_obj, clipped_obj))
+    pg_term = torch.maximum(unclipped_obj, clipped_obj)
+    metrics: dict[str, torch.Tensor] = {}
+    if tis:
+        is_ratio = torch.exp(prox - old_logprobs.detach())
+        over = is_ratio > cfg.tis_cap
+        weight = (torch.clamp(is_ratio, max=cfg.tis_cap) if cfg.tis_mode == "truncate"
+                  else torch.where(over, torch.zeros_like(is_ratio), is_ratio))
+        pg_term = weight * pg_term
+        inf = torch.full_like(is_ratio, math.inf)
+        metrics.update(tis_ratio_mean=masked_mean(is_ratio), tis_clip_frac=masked_mean(over.to(is_ratio.dtype)),
+                       tis_ratio_min=torch.where(mask, is_ratio, inf).min(),
+                       tis_ratio_max=torch.where(mask, is_ratio, -inf).max())
+    pg_loss = masked_mean(pg_term)
     clip_frac = masked_mean((clipped_obj > unclipped_obj).to(logprobs.dtype))
 
     loss = pg_loss
-    metrics: dict[str, torch.Tensor] = {"pg_loss": pg_loss.detach(), "clip_frac": clip_frac.detach()}
+    metrics.update(pg_loss=pg_loss, clip_frac=clip_frac)
 
     if ref_logprobs is not None:
         log_ratio = ref_logprobs.detach() - logprobs
         kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1.0)
-        metrics["kl"] = kl.detach()
+        metrics["kl"] = kl
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl
     else:
@@ -144,12 +217,29 @@ def policy_loss(
 
     if entropy is not None:
         mean_entropy = masked_mean(entropy)
-        metrics["entropy"] = mean_entropy.detach()
+        metrics["entropy"] = mean_entropy
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * mean_entropy
 
-    metrics["loss"] = loss.detach()
-    return loss, metrics
+    metrics["loss"] = loss
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# How the metrics of micro-batches (and of ranks) combine into a step's: by min / max for the
+# extremes, named by these suffixes; everything else is normalised like the loss and adds up.
+EXTREMES = {"_min": min, "_max": max}
+
+
+def combine_metrics(totals: dict[str, float], metrics: Mapping[str, float | torch.Tensor], share: float = 1.0) -> None:
+    """Folds one micro-batch's loss metrics into the step's `totals`: sums (times `share`, the part of
+    the micro-batch this rank reports), except the extremes (EXTREMES), which take the min or max."""
+    for key, value in metrics.items():
+        value = float(value)
+        pick = next((f for suffix, f in EXTREMES.items() if key.endswith(suffix)), None)
+        if pick is None:
+            totals[key] = totals.get(key, 0.0) + value * share
+        else:
+            totals[key] = pick(totals[key], value) if key in totals else value
 
 
 def _chunk_logprobs_and_entropy(

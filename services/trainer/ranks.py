@@ -6,6 +6,7 @@ At world size 1 the calls simply run in-process.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from services.common.batches import MicroBatch
 from services.common.config import RLConfig, load_config
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import init_distributed
+from services.trainer.loss import EXTREMES
 
 log = logging.getLogger("trainer")
 
@@ -55,7 +57,7 @@ def balance(micro_batches: list[MicroBatch], ranks: int, sp: int = 1,
         filler = order[-1]
         order.append(MicroBatch(filler.input_ids, filler.seq_lens, torch.zeros_like(filler.loss_mask),
                                 filler.old_logprobs, filler.advantages, filler.versions, filler.num_global_tokens,
-                                filler.temperature, filler.padded, filler.step))
+                                filler.temperature, filler.padded, filler.step, filler.proximal_logprobs))
     shards: list[list[MicroBatch]] = [[] for _ in range(groups)]
     for i, mb in enumerate(order):
         lap, pos = divmod(i, groups)
@@ -120,10 +122,15 @@ class TrainerRanks:
         local = self.backend.train_step(mine[0])
         if self.world == 1:
             return local
+        # sums over ranks, except the extremes (a min is the max of its negation) and the shared values
         keys = sorted(local)
-        totals = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        sign = {k: -1.0 if k.endswith("_min") else 1.0 for k in keys if k.endswith(tuple(EXTREMES))}
+        totals = torch.tensor([0.0 if k in sign else local[k] for k in keys], dtype=torch.float64)
+        peaks = torch.tensor([sign[k] * local[k] if k in sign else -math.inf for k in keys], dtype=torch.float64)
         dist.all_reduce(totals, group=self.control)
-        merged = {k: (local[k] if k in _SHARED_METRICS else float(v)) for k, v in zip(keys, totals.tolist())}
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=self.control)
+        merged = {k: local[k] if k in _SHARED_METRICS else sign[k] * float(p) if k in sign else float(v)
+                  for k, v, p in zip(keys, totals.tolist(), peaks.tolist())}
         merged["seconds"] = time.perf_counter() - start
         merged["ranks"] = float(self.world)
         return merged

@@ -124,6 +124,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 sum(int(mb.loss_mask.sum()) for mb in micro_batches) != micro_batches[0].num_global_tokens:
             raise InvalidArgument("num_global_tokens must be the same in every micro-batch and equal the step's loss "
                                   "tokens (the loss is a mean over the optimizer step's tokens)")
+        if len({mb.proximal_logprobs is None for mb in micro_batches}) > 1:
+            raise InvalidArgument("proximal_logprobs must come with every micro-batch of the step or with none (one "
+                                  "optimizer step's weights computed them, or its own forward does)")
         with self._lock:
             try:
                 metrics = self.ranks.run("train", payload=micro_batches)

@@ -74,7 +74,8 @@ def good_batch(version: int = 0) -> pb.PackedBatch:
     return batches.to_proto(batches.make_micro_batch(seqs, num_global_tokens=5, temperature=1.0))
 
 
-TENSORS = ["input_ids", "cu_seqlens", "loss_mask", "old_logprobs", "advantages", "versions"]
+TENSORS = ["input_ids", "cu_seqlens", "loss_mask", "old_logprobs", "advantages", "versions",
+           "proximal_logprobs"]   # unset in good_batch: any proximal logprobs are refused without tis_cap
 
 
 def hostile_tensor(rng: random.Random, msg: pb.Tensor, vocab: int) -> pb.Tensor:

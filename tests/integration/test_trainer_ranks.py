@@ -85,6 +85,30 @@ def test_two_ranks_train_like_one(two_rank, toy):
     torch.testing.assert_close(*(from_wire(s.ComputeLogProbs(probe).logprobs) for s in stubs), atol=1e-5, rtol=0)
 
 
+def test_tis_metrics_combine_over_ranks(two_rank, toy):
+    """Truncated importance sampling on two ranks: the IS ratio's mean, min and max over the step
+    (one rank holds a zero-loss filler, whose extremes are +-inf) are the batch's, as on one rank."""
+    cfg = load_config(overrides=[f"models.policy.load={toy['model']}", "models.policy_trainer.tis_cap=1.5"])
+    setup = pb.SetupRequest(run_id="tis", config_yaml=config_to_yaml(cfg))
+    stubs = [trainer_pb2_grpc.TrainerServiceStub(two_rank["cluster"].channel(two_rank[k])) for k in ("trainer1", "trainer2")]
+    for s in stubs:
+        s.Setup(setup)
+    step = _step(5)
+    g = torch.Generator().manual_seed(5)
+    for mb in step:   # the trainer's pre-episode logprobs: the rollout's shifted by up to +-1 per token
+        shifted = (mb.old_logprobs + torch.rand(mb.num_tokens, generator=g) * 2 - 1).clamp(max=0.0)
+        mb.proximal_logprobs = torch.where(mb.loss_mask, shifted, torch.zeros_like(shifted))
+    mask = torch.cat([mb.loss_mask for mb in step])
+    ratio = torch.exp(torch.cat([mb.proximal_logprobs - mb.old_logprobs for mb in step]))[mask]
+    one, two = (dict(s.Train(iter([batches.to_proto(mb) for mb in step])).values) for s in stubs)
+    assert two["ranks"] == 2
+    for m in (one, two):
+        assert m["tis_ratio_min"] == pytest.approx(float(ratio.min()), rel=1e-6)
+        assert m["tis_ratio_max"] == pytest.approx(float(ratio.max()), rel=1e-6)
+        assert m["tis_ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+        assert m["tis_clip_frac"] == pytest.approx(float((ratio > 1.5).float().mean()), rel=1e-5)
+
+
 def test_meta_init_and_groupgemm_on_two_ranks(two_rank, tmp_path):
     """A Qwen3-MoE loaded by meta_init on two ranks (each reads only its experts' rows) with GroupGEMM
     and a KL reference equals the plain full load with the per-expert loop on one rank."""

@@ -73,6 +73,15 @@ def test_proto_round_trip(padded):
     assert back.temperature == 0.75 and back.padded == padded and back.step == 11
 
 
+def test_proximal_logprobs_round_trip_only_when_given():
+    mb = make_micro_batch(_seqs(), num_global_tokens=500, temperature=1.0)
+    assert not to_proto(mb).HasField("proximal_logprobs")
+    assert from_proto(to_proto(mb), vocab_size=VOCAB).proximal_logprobs is None
+    mb.proximal_logprobs = mb.old_logprobs * 0.5
+    back = from_proto(pb.PackedBatch.FromString(to_proto(mb).SerializeToString()), vocab_size=VOCAB)
+    assert torch.equal(back.proximal_logprobs, mb.proximal_logprobs)
+
+
 def test_wire_layout_matches_proto_contract():
     seqs = _seqs(4)
     msg = to_proto(make_micro_batch(seqs, num_global_tokens=100, temperature=1.0))
@@ -204,6 +213,14 @@ def _set_token(value):
     return fn
 
 
+def _proximal(fn):
+    """proximal_logprobs made from the valid batch's own (rollout) logprobs, then fn applied."""
+    def mutate(msg):
+        from services.common.tensors import from_wire
+        msg.proximal_logprobs.CopyFrom(to_wire(fn(from_wire(msg.old_logprobs, "old_logprobs").clone())))
+    return mutate
+
+
 MALFORMED = {
     "loss_mask-short": (_set("loss_mask", torch.zeros(T - 1, dtype=torch.uint8)), "loss_mask"),
     "old_logprobs-long": (_set("old_logprobs", torch.zeros(T + 1)), "old_logprobs"),
@@ -261,6 +278,12 @@ MALFORMED = {
                               "old_logprobs"),
     "versions-negative": (_set("versions", torch.full((len(SEQS),), -1, dtype=torch.int64)), "versions"),
     "loss_mask-two": (_edit("loss_mask", torch.uint8, lambda t: t * 2), "loss_mask"),
+    "proximal_logprobs-short": (_proximal(lambda t: t[1:]), "proximal_logprobs"),
+    "proximal_logprobs-float64": (_proximal(lambda t: t.double()), "proximal_logprobs"),
+    "proximal_logprobs-nan": (_proximal(_nan_at_response(float("nan"))), "proximal_logprobs"),
+    "proximal_logprobs-positive": (_proximal(_nan_at_response(5.0)), "proximal_logprobs"),
+    "proximal_logprobs-below-floor": (_proximal(_nan_at_response(-1e30)), "proximal_logprobs"),
+    "proximal_logprobs-off-mask": (_proximal(lambda t: t.index_fill_(0, torch.tensor([0]), -1.0)), "proximal_logprobs"),
 }
 
 
@@ -330,3 +353,26 @@ def test_batch_limits_follow_the_run():
     limits.check(make_micro_batch(many, num_global_tokens=24, temperature=1.0), for_training=False)
     refused(make_micro_batch(many * 9, num_global_tokens=1, temperature=1.0), "train_global_batch_size",
             for_training=False)
+
+
+def test_version_window_widens_with_off_policy_steps_and_no_further():
+    """off_policy_steps = d: an episode's samples may come from up to d episodes before it, so the
+    trainer accepts versions (d + 1) x (optimizer steps per episode) - 1 behind its step, no older."""
+    from services.common.batches import BatchLimits
+    assert BatchLimits.of(_limits_cfg(), step=9).versions == (8, 9)
+    assert BatchLimits.of(_limits_cfg("runtime_args.off_policy_steps=1"), step=9).versions == (6, 9)
+    assert BatchLimits.of(_limits_cfg("runtime_args.off_policy_steps=2"), step=9).versions == (4, 9)
+    limits = BatchLimits.of(_limits_cfg("runtime_args.off_policy_steps=1"), step=9)
+    limits.check(make_micro_batch([TrainSequence([1], [3], [-1.0], 1.0, 6)], num_global_tokens=1, temperature=1.0))
+    with pytest.raises(ValueError, match=r"outside \[6, 9\].*runtime_args.off_policy_steps=1"):
+        limits.check(make_micro_batch([TrainSequence([1], [3], [-1.0], 1.0, 5)], num_global_tokens=1,
+                                      temperature=1.0))
+
+
+def test_proximal_logprobs_are_refused_without_tis():
+    from services.common.batches import BatchLimits
+    mb = make_micro_batch([TrainSequence([1], [3], [-1.0], 1.0, 9)], num_global_tokens=1, temperature=1.0)
+    mb.proximal_logprobs = mb.old_logprobs.clone()
+    with pytest.raises(ValueError, match="models.policy_trainer.tis_cap is not set"):
+        BatchLimits.of(_limits_cfg(), step=9).check(mb)
+    BatchLimits.of(_limits_cfg("models.policy_trainer.tis_cap=2"), step=9).check(mb)

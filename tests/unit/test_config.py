@@ -159,6 +159,7 @@ def test_micro_batch_size_is_refused_when_packing() -> None:
          "models.policy_trainer.optimizer.lr_decay_style=linear or cosine"),
         (("models.policy_trainer.optimizer.lr_decay_iters=10",),
          "models.policy_trainer.optimizer.lr_decay_style=linear or cosine"),
+        (("models.policy_trainer.tis_mode=mask",), "models.policy_trainer.tis_cap set"),
     ],
 )
 def test_keys_set_where_they_do_not_apply_are_refused(overrides: tuple[str, ...], where: str) -> None:
@@ -191,7 +192,8 @@ def test_every_applies_only_row_is_tested() -> None:
     tested = {"models.policy.gpu_memory_utilization", "runtime_args.train_micro_batch_size",
               "models.policy_trainer.max_token_in_packing", "models.policy_trainer.ref_offload",
               "models.policy_trainer.save_hf", "runtime_args.logprob_diff_threshold",
-              "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters"}
+              "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters",
+              "models.policy_trainer.tis_mode"}
     tested |= {f"models.policy_trainer.{k.split('=')[0]}" for keys in BACKEND_KEYS.values() for k in keys}
     assert {key for key, _, _ in APPLIES_ONLY} == tested
 
@@ -245,6 +247,10 @@ def test_rpc_timeouts_are_keys_with_ranges() -> None:
         ("runtime_args.exp_name=a/b", ["runtime_args.exp_name", "letters, digits"]),
         ("runtime_args.exp_name=''", ["runtime_args.exp_name", "1-64"]),
         (f"runtime_args.exp_name={'x' * 65}", ["runtime_args.exp_name", "1-64"]),
+        ("runtime_args.placement=shared", ["runtime_args.placement", "auto, colocated, disaggregated"]),
+        ("runtime_args.off_policy_steps=-1", ["runtime_args.off_policy_steps", ">= 0"]),
+        ("models.policy_trainer.tis_cap=0.5", ["models.policy_trainer.tis_cap", ">= 1"]),
+        ("models.policy_trainer.tis_mode=clip", ["models.policy_trainer.tis_mode", "truncate, mask"]),
     ],
 )
 def test_range_errors_name_key_and_range(override: str, expected: list[str]) -> None:
@@ -402,3 +408,13 @@ def test_deep_nesting_is_refused_before_anything_recurses() -> None:
     for text in ("a: " + "[" * 5000, "a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 40)) + " " * 40 + "v: 1\n"):
         assert "nests deeper than" in error_of(text)
     assert load_config("runtime_args:\n  seed: 3\n").runtime_args.seed == 3
+
+
+def test_async_overlap_and_colocated_placement_exclude_each_other() -> None:
+    msg = error_of(overrides=("runtime_args.placement=colocated", "runtime_args.off_policy_steps=1"))
+    assert "runtime_args.off_policy_steps=1" in msg and "runtime_args.placement=colocated" in msg
+    cfg = load_config(overrides=["runtime_args.off_policy_steps=1", "models.policy_trainer.tis_cap=2",
+                                 "models.policy_trainer.tis_mode=mask"])
+    assert (cfg.runtime_args.placement, cfg.runtime_args.off_policy_steps) == ("auto", 1)
+    assert (cfg.models.policy_trainer.tis_cap, cfg.models.policy_trainer.tis_mode) == (2.0, "mask")
+    load_config(overrides=["runtime_args.placement=colocated"])

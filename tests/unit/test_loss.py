@@ -235,3 +235,92 @@ def test_token_logprobs_rejects_bad_shapes():
         token_logprobs_and_entropy(torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         token_logprobs_and_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), temperature=0.0)
+
+
+# ---- truncated importance sampling (TIS) -----------------------------------------------------------
+# rollout (behaviour) logprobs, and the trainer's before the episode's update: the IS ratios
+# exp(prox - old) are 1, e, 1/e and 1.5, so a cap of 2 truncates (or masks) the second token only
+TIS_OLD = torch.tensor([-1.0, -2.0, -0.5, -1.5])
+TIS_PROX = torch.tensor([-1.0, -1.0, -1.5, -1.5 + math.log(1.5)])
+TIS_ADV = torch.tensor([1.0, 1.0, -1.0, 2.0])
+
+
+def test_tis_truncate_weights_each_token_by_its_capped_ratio():
+    cfg = LossConfig(tis_cap=2.0)
+    # the trainer's logprobs equal the proximal ones (the episode's first optimizer step): PPO ratio 1
+    loss, m, grad = _grad_of_loss(TIS_PROX.clone(), TIS_OLD, TIS_ADV, cfg=cfg, proximal_logprobs=TIS_PROX)
+    weights = [1.0, 2.0, math.exp(-1), 1.5]   # e truncated to 2
+    expected = [-w * a for w, a in zip(weights, TIS_ADV.tolist())]
+    assert m["pg_loss"].item() == pytest.approx(sum(expected) / 4)
+    assert grad.tolist() == pytest.approx([e / 4 for e in expected])   # d(-w A ratio)/d logprob at ratio 1
+    assert m["tis_ratio_mean"].item() == pytest.approx((1 + math.e + math.exp(-1) + 1.5) / 4)
+    assert m["tis_ratio_min"].item() == pytest.approx(math.exp(-1))
+    assert m["tis_ratio_max"].item() == pytest.approx(math.e)
+    assert m["tis_clip_frac"].item() == pytest.approx(1 / 4)
+    assert m["clip_frac"].item() == 0
+
+
+def test_tis_mask_drops_the_tokens_above_the_cap():
+    cfg = LossConfig(tis_cap=2.0, tis_mode="mask")
+    _, m, grad = _grad_of_loss(TIS_PROX.clone(), TIS_OLD, TIS_ADV, cfg=cfg, proximal_logprobs=TIS_PROX)
+    weights = [1.0, 0.0, math.exp(-1), 1.5]
+    expected = [-w * a for w, a in zip(weights, TIS_ADV.tolist())]
+    assert m["pg_loss"].item() == pytest.approx(sum(expected) / 4)
+    assert grad.tolist() == pytest.approx([e / 4 for e in expected])
+    assert grad[1] == 0 and m["tis_clip_frac"].item() == pytest.approx(1 / 4)
+
+
+def test_tis_ppo_ratio_is_against_the_proximal_policy_and_still_clipped():
+    """Later optimizer steps: the trainer moved away from the proximal policy; PPO clips that move,
+    and the IS weight (against the rollout) multiplies the clipped term."""
+    cfg = LossConfig(tis_cap=5.0)
+    old, prox = torch.tensor([-2.0, -2.0]), torch.tensor([-1.0, -1.0])   # IS weight e for both
+    lp = prox + torch.log(torch.tensor([1.5, 1.1]))   # PPO ratios 1.5 (clipped at 1.2) and 1.1
+    _, m, grad = _grad_of_loss(lp, old, torch.ones(2), cfg=cfg, proximal_logprobs=prox)
+    assert m["pg_loss"].item() == pytest.approx(-math.e * (1.2 + 1.1) / 2)
+    assert grad[0] == 0 and grad[1].item() == pytest.approx(-math.e * 1.1 / 2)
+    assert m["clip_frac"].item() == pytest.approx(1 / 2)
+
+
+def test_tis_without_proximal_logprobs_uses_this_forward_as_a_constant():
+    """The episode's first optimizer step: the weight comes from the detached logprobs, so the gradient
+    is -w A (no derivative through w, which would double it)."""
+    cfg = LossConfig(tis_cap=10.0)
+    lp, old = torch.tensor([-0.5]), torch.tensor([-1.0])
+    loss, m, grad = _grad_of_loss(lp, old, torch.ones(1), cfg=cfg)
+    assert loss.item() == pytest.approx(-math.exp(0.5))
+    assert grad.item() == pytest.approx(-math.exp(0.5))
+    assert m["tis_ratio_mean"].item() == pytest.approx(math.exp(0.5))
+
+
+def test_tis_is_the_plain_loss_when_trainer_and_rollout_agree():
+    """On-policy, with the trainer's logprobs equal to the rollout's, every weight is 1: the same
+    loss and gradient as without TIS (the synchronous loop loses nothing by turning it on)."""
+    old = torch.tensor([-1.0, -2.0, -0.7])
+    lp = old + torch.tensor([0.3, -0.4, 0.1])
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    plain = _grad_of_loss(lp, old, adv)
+    tis = _grad_of_loss(lp, old, adv, cfg=LossConfig(tis_cap=2.0), proximal_logprobs=old.clone())
+    assert tis[0].item() == pytest.approx(plain[0].item())
+    assert tis[2].tolist() == pytest.approx(plain[2].tolist())
+    assert tis[1]["tis_ratio_min"] == tis[1]["tis_ratio_max"] == 1
+
+
+def test_proximal_logprobs_without_tis_are_refused():
+    with pytest.raises(ValueError, match="tis_cap"):
+        _grad_of_loss(TIS_PROX.clone(), TIS_OLD, TIS_ADV, proximal_logprobs=TIS_PROX)
+    with pytest.raises(ValueError, match="tis_cap"):
+        LossConfig(tis_cap=0.5)
+    with pytest.raises(ValueError, match="tis_mode"):
+        LossConfig(tis_cap=2.0, tis_mode="clip")
+
+
+def test_step_metrics_combine_sums_and_extremes():
+    """Micro-batches of a step: normalised metrics add up (times the rank's share), extremes take
+    the min / max; a micro-batch without loss tokens reports +-inf extremes, which never win."""
+    from services.trainer.loss import combine_metrics
+    totals: dict[str, float] = {}
+    combine_metrics(totals, {"pg_loss": 0.5, "tis_ratio_min": 0.9, "tis_ratio_max": 1.2}, share=0.5)
+    combine_metrics(totals, {"pg_loss": 0.25, "tis_ratio_min": math.inf, "tis_ratio_max": -math.inf}, share=0.5)
+    combine_metrics(totals, {"pg_loss": 1.0, "tis_ratio_min": 0.7, "tis_ratio_max": 1.1}, share=0.5)
+    assert totals == {"pg_loss": pytest.approx(0.875), "tis_ratio_min": 0.7, "tis_ratio_max": 1.2}

@@ -180,3 +180,42 @@ def test_meta_init_and_groupgemm_match_the_plain_build(moe_dir):
     mine = dict(other.full_params())
     for name, tensor in plain.full_params():
         torch.testing.assert_close(mine[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _with_proximal(batches: list, seed: int) -> list:
+    """The trainer's pre-episode logprobs as a later optimizer step receives them: the rollout's shifted
+    per token by up to +-1, so the IS ratios exp(prox - old) spread over [1/e, e]."""
+    g = torch.Generator().manual_seed(seed)
+    for mb in batches:
+        shifted = mb.old_logprobs + torch.rand(mb.num_tokens, generator=g) * 2 - 1
+        mb.proximal_logprobs = torch.where(mb.loss_mask, shifted.clamp(max=0.0), torch.zeros_like(shifted))
+    return batches
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_tis_applies_on_both_backends_alike(tiny_model_dir, mode):
+    """Truncated importance sampling through each backend's train step: the IS metrics are those of the
+    batch (the ratios depend only on the proximal and rollout logprobs), and the weighting moves the
+    gradient the same way on FSDP and megatron."""
+    tis = ("models.policy_trainer.tis_cap=1.5", f"models.policy_trainer.tis_mode={mode}")
+    fsdp, mcore = pair(tiny_model_dir, *tis, "models.policy_trainer.optimizer.clip_grad=0")
+    batches = _with_proximal(step_batches(21), seed=21)
+    mask = torch.cat([mb.loss_mask for mb in batches])
+    ratio = torch.exp(torch.cat([mb.proximal_logprobs - mb.old_logprobs for mb in batches]))[mask]
+    for backend in (fsdp, mcore):
+        m = backend.train_step(_with_proximal(step_batches(21), seed=21))
+        assert m["tis_ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+        assert m["tis_ratio_min"] == pytest.approx(float(ratio.min()), rel=1e-6)
+        assert m["tis_ratio_max"] == pytest.approx(float(ratio.max()), rel=1e-6)
+        assert m["tis_clip_frac"] == pytest.approx(float((ratio > 1.5).float().mean()), rel=1e-5)
+    assert 0 < float((ratio > 1.5).float().mean()) < 1
+
+    base = dict(pos_clip_ratio=100.0, neg_clip_ratio=0.99)   # no PPO clipping: the IS weight alone
+    moved = {}
+    for name, b in (("fsdp", fsdp), ("megatron", mcore)):
+        off = _grads(b, step_batches(22), LossConfig(**base))
+        on = _grads(b, _with_proximal(step_batches(22), seed=22), LossConfig(**base, tis_cap=1.5, tis_mode=mode))
+        moved[name] = {k: on[k] - off[k] for k in off}
+    assert sum(float(d.norm()) for d in moved["fsdp"].values()) > 1e-3, "TIS did not move the gradient"
+    for k, d in moved["fsdp"].items():
+        torch.testing.assert_close(moved["megatron"][k], d, atol=1e-6, rtol=1e-4, msg=f"tis: {k}")

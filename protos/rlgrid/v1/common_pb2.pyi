@@ -88,7 +88,7 @@ class Sample(_message.Message):
     def __init__(self, sample_id: _Optional[str] = ..., group_id: _Optional[str] = ..., prompt_ids: _Optional[_Union[Tensor, _Mapping]] = ..., response_ids: _Optional[_Union[Tensor, _Mapping]] = ..., response_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., policy_version: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class PackedBatch(_message.Message):
-    __slots__ = ("input_ids", "cu_seqlens", "loss_mask", "old_logprobs", "advantages", "versions", "num_global_tokens", "temperature", "padded", "step")
+    __slots__ = ("input_ids", "cu_seqlens", "loss_mask", "old_logprobs", "advantages", "versions", "num_global_tokens", "temperature", "padded", "step", "proximal_logprobs")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     CU_SEQLENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class PackedBatch(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     PADDED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     input_ids: Tensor
     cu_seqlens: Tensor
     loss_mask: Tensor
@@ -109,7 +110,8 @@ class PackedBatch(_message.Message):
     temperature: float
     padded: bool
     step: int
-    def __init__(self, input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., versions: _Optional[_Union[Tensor, _Mapping]] = ..., num_global_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., padded: bool = ..., step: _Optional[int] = ...) -> None: ...
+    proximal_logprobs: Tensor
+    def __init__(self, input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., cu_seqlens: _Optional[_Union[Tensor, _Mapping]] = ..., loss_mask: _Optional[_Union[Tensor, _Mapping]] = ..., old_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., advantages: _Optional[_Union[Tensor, _Mapping]] = ..., versions: _Optional[_Union[Tensor, _Mapping]] = ..., num_global_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., padded: bool = ..., step: _Optional[int] = ..., proximal_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")

@@ -33,6 +33,7 @@ from services.trainer.backend import TrainerBackend
 from services.trainer.build import KEY, build_sharded, model_kwargs
 from services.trainer.loss import (
     LossConfig,
+    combine_metrics,
     policy_loss,
     selected_logprobs_and_entropy,
     token_logprobs_and_entropy,
@@ -126,8 +127,7 @@ class FSDPBackend(TrainerBackend):
             raise MemoryError(f"host out of memory while loading {t.load}: set models.policy_trainer.meta_init=True "
                               f"so each rank materialises only its shard") from exc
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg)
-        self.loss_cfg = LossConfig(pos_clip_ratio=t.pos_clip_ratio, neg_clip_ratio=t.neg_clip_ratio,
-                                   kl_coef=t.kl_coef, entropy_coef=t.entropy_coef)
+        self.loss_cfg = LossConfig.of(t)
         self._step = 0
         self._names = [n for n, _ in self.model.named_parameters()]
         if self.sp:
@@ -202,14 +202,14 @@ class FSDPBackend(TrainerBackend):
                 if self.loss_cfg.entropy_coef == 0:
                     ent = ent.detach()
                 dev = lambda x: self.sp.shard(x.to(self.device)) if self.sp else x.to(self.device)  # noqa: E731
+                prox = dev(mb.proximal_logprobs) if mb.proximal_logprobs is not None else None
                 loss, metrics = policy_loss(lp, dev(mb.old_logprobs), dev(mb.advantages), dev(mb.loss_mask),
                                             cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
-                                            ref_logprobs=ref, entropy=ent)
+                                            ref_logprobs=ref, entropy=ent, proximal_logprobs=prox)
                 # FSDP averages gradients over its ranks; the loss is already a share of the global
                 # token mean, so undo the average to get the sum.
                 (loss * self.world_size).backward()
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                combine_metrics(totals, metrics)
                 share = 1 / self.sp.size if self.sp else 1   # an SP group counts its micro-batch once
                 tokens += mb.num_tokens * share
                 count += share

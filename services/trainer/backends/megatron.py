@@ -30,7 +30,7 @@ from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import OutOfMemoryGuidance, init_distributed
 from services.trainer.convert import hf_io, mcore_io
 from services.trainer.convert.shards import Dims, UnsupportedModel, model_items
-from services.trainer.loss import LossConfig, policy_loss, selected_logprobs_and_entropy
+from services.trainer.loss import LossConfig, combine_metrics, policy_loss, selected_logprobs_and_entropy
 from services.trainer.mcore import cpu_shims, patches
 from services.trainer.mcore.checkpoint import Views
 from services.trainer.mcore.layout import Layout
@@ -128,8 +128,7 @@ class MegatronBackend(TrainerBackend):
                     slot.tensor.copy_(self.table[name].tensor)
         self.named = list(self.model.named_parameters())
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg)
-        self.loss_cfg = LossConfig(pos_clip_ratio=t.pos_clip_ratio, neg_clip_ratio=t.neg_clip_ratio,
-                                   kl_coef=t.kl_coef, entropy_coef=t.entropy_coef)
+        self.loss_cfg = LossConfig.of(t)
         self._step = 0
         self._specs = [ParamMeta(n, self.compute_dtype, s) for n, s in hf_param_specs(t.load, self.compute_dtype)]
         self._sync_units = sync_units([(p.name, p.shape) for p in self._specs], self.dims, self.compute_dtype)
@@ -249,15 +248,16 @@ class MegatronBackend(TrainerBackend):
                 n = mb.num_tokens
                 full = lambda x: x.new_zeros(n).scatter(0, targets, x)  # noqa: E731
                 mask = mb.loss_mask.to(self.device)
+                prox = mb.proximal_logprobs.to(self.device) if mb.proximal_logprobs is not None else None
                 loss, metrics = policy_loss(full(lp), mb.old_logprobs.to(self.device), mb.advantages.to(self.device),
                                             mask, cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
-                                            ref_logprobs=full(ref) if ref is not None else None, entropy=full(ent))
+                                            ref_logprobs=full(ref) if ref is not None else None, entropy=full(ent),
+                                            proximal_logprobs=prox)
                 # megatron's linear layers restore autocast in backward for CUDA only (custom_bwd with
                 # device_type="cuda"); on a CPU trainer in bf16 the backward runs in the same region instead
                 with self._autocast() if self.device.type == "cpu" else contextlib.nullcontext():
                     loss.backward()
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) * share
+                combine_metrics(totals, metrics, share)
                 tokens += mb.num_tokens * share
                 count += share
         except torch.OutOfMemoryError as exc:
