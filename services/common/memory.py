@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 GIB = float(1 << 30)
 
 
 class StorageSwap:
-    """The storages under `tensors` (each once, however many tensors view it); those on `device` only.
+    """The storages under `tensors` (each once, however many tensors view it; DTensors by their local
+    shard); those on `device` only.
 
     `release(keep=True)` copies them to host memory (pinned, when they are on a GPU) and frees them;
     `release(keep=False)` frees them without a copy (what they held is lost); `restore()` allocates them
@@ -28,6 +30,8 @@ class StorageSwap:
         self.device = device
         seen: dict[int, torch.UntypedStorage] = {}
         for t in tensors:
+            if isinstance(t, DTensor):   # a shard (parameter, gradient, optimizer state): its local tensor
+                t = t.to_local()
             if t is None or t.device != device:
                 continue
             storage = t.untyped_storage()

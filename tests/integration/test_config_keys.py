@@ -30,6 +30,9 @@ pytestmark = pytest.mark.slow
 # Made real by the evaluation work going on beside this one (issue 12): neither refused here nor
 # required to be read yet. The lead removes this exception when that branch is merged.
 OWNED_ELSEWHERE = {"runtime_args.exp_name", "runtime_args.eval_data_path"}
+# The deadline of Sleep/WakeUp/Offload/Onload, which the placement policy (branch `async`) calls around each
+# phase; the lead removes it from here when that branch is merged.
+OWNED_ELSEWHERE |= {"runtime_args.rpc_timeout_s.memory"}
 
 SERVICES = os.path.join(ROOT, "services") + os.sep
 CONFIG_PY = os.path.abspath(config_module.__file__)

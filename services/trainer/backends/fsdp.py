@@ -29,7 +29,7 @@ from services.common.models import ModelLoadError, resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer import attention, checkpoint
-from services.trainer.backend import TrainerBackend
+from services.trainer.backend import TrainerBackend, optimizer_state
 from services.trainer.build import KEY, build_sharded, model_kwargs
 from services.trainer.loss import (
     LossConfig,
@@ -249,6 +249,17 @@ class FSDPBackend(TrainerBackend):
     def data_groups(self, world: int) -> list[int]:
         sp = self.sp.size if self.sp else 1   # an SP group of consecutive ranks shares its micro-batches
         return [rank // sp for rank in range(world)]
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        for model in (self.model, self.ref):
+            if model is None:
+                continue
+            for unit in model.modules():   # nothing stays gathered (the root keeps its parameters after forward)
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+            for p in model.parameters():   # a shard's local tensor views FSDP's own padded storage
+                yield from (t for t in (p, p.grad) if t is not None)
+        yield from optimizer_state(self.optimizer)
 
     def param_specs(self) -> list[ParamMeta]:
         return [ParamMeta(n, self.compute_dtype, tuple(p.shape)) for n, p in self.model.named_parameters()]
