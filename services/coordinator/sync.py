@@ -16,14 +16,17 @@ log = logging.getLogger(__name__)
 
 
 class WeightSync:
-    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *, bucket_mb: int):
+    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *, bucket_mb: int,
+                 ipc: bool = True):
+        """`ipc`: plan cuda_ipc where every replica shares the trainer's GPU (False: always a broadcast group;
+        bench/gpu_colocated.py measures both)."""
         self.rendezvous, self.trainer, self.rollouts = rendezvous, trainer, rollouts
         self.bucket_bytes = bucket_mb * 1024 * 1024
         # the group's own collectives give up when the calls driving them do (rpc_timeout_s.weight_sync)
         self.timeout_s = math.ceil(trainer.timeouts.weight_sync)
         self.group_id: str | None = None
         self._members: list = []    # the replicas the group was built for
-        self._ipc_failed = False    # cuda_ipc could not join once (e.g. separate IPC namespaces): broadcast from then on
+        self.ipc = ipc              # off once cuda_ipc could not join (e.g. separate IPC namespaces): broadcast from then on
 
     def _plan(self, ipc: bool = True) -> list[pb.WeightSyncPlan]:
         tinfo = self.trainer.call("GetInfo", pb.Empty())
@@ -55,7 +58,7 @@ class WeightSync:
         return [pb.WeightSyncPlan(rank=rank, **common) for rank in ranks]
 
     def _prepare(self) -> None:
-        plans = self._plan(ipc=not self._ipc_failed)
+        plans = self._plan(ipc=self.ipc)
         try:
             self._join(plans)
         except StepError as exc:
@@ -64,7 +67,7 @@ class WeightSync:
             # a member failed to map the trainer's memory (processes in separate containers without a shared
             # IPC namespace, for one): nothing changed, so the same members join a broadcast group instead
             log.warning("weight sync over cuda_ipc failed to join, using a broadcast group instead: %s", exc)
-            self._ipc_failed = True
+            self.ipc = False
             plans = self._plan(ipc=False)
             self._join(plans)
         self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)

@@ -189,6 +189,7 @@ class VLLMEngine(Engine):
         with self._lock:
             if self.sleep_level:
                 self.llm.wake_up()
+                self.llm.reset_prefix_cache()   # the cached blocks' KV was dropped with the cache
                 self.sleep_level = 0
 
     def memory(self) -> dict[str, float]:
