@@ -25,6 +25,7 @@ class WeightSync:
         # the group's own collectives give up when the calls driving them do (rpc_timeout_s.weight_sync)
         self.timeout_s = math.ceil(trainer.timeouts.weight_sync)
         self.group_id: str | None = None
+        self.kind = ""              # how the group moves the weights: cuda_ipc, nccl or gloo
         self._members: list = []    # the replicas the group was built for
         self.ipc = ipc              # off once cuda_ipc could not join (e.g. separate IPC namespaces): broadcast from then on
 
@@ -71,8 +72,8 @@ class WeightSync:
             plans = self._plan(ipc=False)
             self._join(plans)
         self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)
-        log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(plans) - 1,
-                 plans[0].backend or plans[0].transport)
+        self.kind = plans[0].backend or plans[0].transport
+        log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(plans) - 1, self.kind)
 
     def _join(self, plans: list[pb.WeightSyncPlan]) -> None:
         members = [self.trainer, *self.rollouts.replicas]
