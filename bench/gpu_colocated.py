@@ -12,7 +12,8 @@
   mfu        bench/trainer.py's MFU rows for the Qwen3-1.7B shape (flex_attention + torch_compile, packed
              8k, no recompute): LM head unfused / fused with the logprobs x AdamW foreach / fused.
 
-    python bench/gpu_colocated.py                                # one H200: about 5 minutes
+    bash bench/gpu_colocated.sh                                  # one H200, about 5 minutes (wheels, PYTHONPATH, then:)
+    python bench/gpu_colocated.py                                # the same, in a prepared environment
     python bench/gpu_colocated.py --engine vllm --parts colocated  # bench/gpu_vllm_colocated.sh (vLLM installed)
     python bench/gpu_colocated.py --cpu                          # CPU smoke run of the same code (tiny shapes)
 

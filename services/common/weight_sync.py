@@ -227,8 +227,6 @@ class _CudaMemory:
     """Buffers on this member's GPU, exported and mapped with CUDA IPC handles (torch's own export, so
     its cross-process reference count keeps a buffer alive while a receiver still maps it)."""
 
-    kind = "cuda"
-
     def __init__(self, device: torch.device):
         self.device = device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
@@ -271,7 +269,6 @@ class _HostMemory:
     """Buffers in host shared memory (torch's file_system sharing): the same protocol between members on
     the CPU of one host. The tests run the transport this way; the coordinator never plans it."""
 
-    kind = "host"
     _FILENAME = re.compile(rb"/torch_[0-9]+_[0-9]+_[0-9]+")
 
     def __init__(self, device: torch.device):
