@@ -23,49 +23,48 @@ class StorageSwap:
 
     `release(keep=True)` copies them to host memory (pinned, when they are on a GPU) and frees them;
     `release(keep=False)` frees them without a copy (what they held is lost); `restore()` allocates them
-    again and, if they were kept, refills them. Both are idempotent.
+    again and, if they were kept, refills them. Both are idempotent. The host copy's buffers stay allocated
+    for the next release (pinning gigabytes of host memory costs more than copying them); a release
+    without keep frees them.
     """
 
     def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device):
         self.device = device
-        seen: dict[int, torch.UntypedStorage] = {}
-        for t in tensors:
-            if isinstance(t, DTensor):   # a shard (parameter, gradient, optimizer state): its local tensor
-                t = t.to_local()
-            if t is None or t.device != device:
-                continue
-            storage = t.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in seen:
-                seen[storage.data_ptr()] = storage
-        self.storages = list(seen.values())
+        self.storages = _storages(tensors, device)
         self.nbytes = [s.nbytes() for s in self.storages]
         self._host: list[torch.Tensor] | None = None
-        self.released = False
+        self.released = self._kept = False
 
     @property
     def total_bytes(self) -> int:
         return sum(self.nbytes)
 
+    def covers(self, tensors: Iterable[torch.Tensor]) -> bool:
+        """Whether `tensors` (none released) have exactly this swap's storages, e.g. once an optimizer
+        made its state they have more."""
+        mine = [(s.data_ptr(), n) for s, n in zip(self.storages, self.nbytes)]
+        return not self.released and [(s.data_ptr(), s.nbytes()) for s in _storages(tensors, self.device)] == mine
+
     def release(self, keep: bool = True) -> None:
+        if not keep:
+            self._host = None   # nothing to keep, now or later (a deeper release drops a copy made before)
         if self.released:
-            if not keep:
-                self._host = None   # a deeper release: drop the host copy too
+            self._kept = self._kept and keep
             return
+        if not all(s.resizable() for s in self.storages):   # refused before anything changed
+            raise RuntimeError("a storage to release is not resizable (memory-mapped weights?); clone the "
+                               "tensors into owned memory first (memory.owned)")
         pin = self.device.type == "cuda"
         if keep:
-            self._host = []
-            for storage, n in zip(self.storages, self.nbytes):
-                host = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+            if self._host is None:
+                self._host = [torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in self.nbytes]
+            for storage, n, host in zip(self.storages, self.nbytes, self._host):
                 host.copy_(byte_view(storage, n), non_blocking=pin)
-                self._host.append(host)
             if pin:
                 torch.cuda.synchronize(self.device)
         for storage in self.storages:
-            if not storage.resizable():
-                raise RuntimeError("a storage to release is not resizable (memory-mapped weights?); clone the "
-                                   "tensors into owned memory first")
             storage.resize_(0)
-        self.released = True
+        self.released, self._kept = True, keep
 
     def restore(self) -> bool:
         """Allocates the storages again; returns whether their content came back (False after keep=False)."""
@@ -73,15 +72,27 @@ class StorageSwap:
             return True
         for storage, n in zip(self.storages, self.nbytes):
             storage.resize_(n)
-        kept = self._host is not None
-        if kept:
+        if self._kept:
             pin = self.device.type == "cuda"
             for storage, n, host in zip(self.storages, self.nbytes, self._host):
                 byte_view(storage, n).copy_(host, non_blocking=pin)
             if pin:
                 torch.cuda.synchronize(self.device)
-        self._host, self.released = None, False
-        return kept
+        self.released = False
+        return self._kept
+
+
+def _storages(tensors: Iterable[torch.Tensor], device: torch.device) -> list[torch.UntypedStorage]:
+    seen: dict[int, torch.UntypedStorage] = {}
+    for t in tensors:
+        if isinstance(t, DTensor):   # a shard (parameter, gradient, optimizer state): its local tensor
+            t = t.to_local()
+        if t is None or t.device != device:
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = storage
+    return list(seen.values())
 
 
 def byte_view(storage: torch.UntypedStorage, n: int) -> torch.Tensor:

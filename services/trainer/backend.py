@@ -61,22 +61,23 @@ class TrainerBackend(abc.ABC):
 
     def offload(self) -> None:
         """Moves state_tensors() to host memory in place (every tensor object stays valid) and hands the
-        freed memory to the driver. Idempotent; onload() first before anything that uses them."""
-        if self._swap is None:
-            swap = StorageSwap(self.state_tensors(), self.device)
-            swap.release(keep=True)
-            self._swap = swap
+        freed memory to the driver. Idempotent; onload() first before anything that uses them. The
+        pinned host buffers are kept for the next offload while the state's tensors stay the same."""
+        if not self.offloaded:
+            tensors = list(self.state_tensors())
+            if self._swap is None or not self._swap.covers(tensors):
+                self._swap = StorageSwap(tensors, self.device)
+            self._swap.release(keep=True)
         free_cached(self.device)
 
     def onload(self) -> None:
         """Brings back what offload() moved. Idempotent."""
         if self._swap is not None:
             self._swap.restore()
-            self._swap = None
 
     @property
     def offloaded(self) -> bool:
-        return self._swap is not None
+        return self._swap is not None and self._swap.released
 
     @property
     @abc.abstractmethod
