@@ -123,7 +123,8 @@ def main() -> None:
         events = list(stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=1200))
         info = stub.GetRun(cpb.RunRef(run_id=run.run_id))
         with open(coord.log_path) as f:
-            backend = "nccl" if "over nccl" in f.read() else "gloo"
+            text = f.read()
+            backend = next((b for b in ("cuda_ipc", "nccl") if f"over {b}" in text), "gloo")
     finally:
         cluster.stop_all()
     steps = [dict(e.metrics) for e in events if "reward/mean" in e.metrics]

@@ -2,8 +2,9 @@
 chunked fp32 logprobs + entropy, GRPO loss, backward, grad clip, AdamW), random init from a config-only dir:
 
   mfu      tokens/s and MFU of a Qwen3-shaped model on packed micro-batches of exactly --pack tokens,
-           gradient checkpointing off and on, per models.policy_trainer.attn_implementation (--attn) and
-           torch_compile (--compile), a fresh trainer each with the same seeded weights; each variant's packed
+           gradient checkpointing off and on (--gc), per models.policy_trainer.attn_implementation (--attn),
+           torch_compile (--compile), LM head fused with the logprobs or not (--head) and AdamW fused or
+           foreach (--adamw), a fresh trainer each with the same seeded weights; each variant's packed
            logprobs vs each sequence alone (sdpa);
   packing  packed (best-fit-decreasing bins of --pack tokens) vs padded (runtime_args.train_micro_batch_size
            = --padded-mbs) on the SAME GSM8K-like samples, fresh identical weights per mode: useful tokens/s,
@@ -44,6 +45,7 @@ from bench.common import machine, write_result  # noqa: E402
 from services.common.batches import TrainSequence, make_micro_batch, split_into_micro_batches  # noqa: E402
 from services.common.config import load_config  # noqa: E402
 from services.trainer.backends.fsdp import FSDPBackend  # noqa: E402
+from services.trainer.optim import build_optimizer  # noqa: E402
 
 SHAPES = {
     "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -172,8 +174,17 @@ def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, 
 
 
 # ---- parts ------------------------------------------------------------------------------------
-def variant(attn: str, compiled: int) -> str:
-    return attn + ("+compile" if compiled else "")
+def variant(attn: str, compiled: int, head: str = "fused", adamw: str = "fused") -> str:
+    """Row label; the LM head and AdamW are named only where they differ from the trainer's defaults."""
+    extra = ("" if head == "fused" else " head=unfused") + ("" if adamw == "fused" else f" adamw={adamw}")
+    return attn + ("+compile" if compiled else "") + extra
+
+
+def set_kernels(backend: FSDPBackend, head: str, adamw: str) -> None:
+    """The LM head fused with the logprobs or not, and AdamW's implementation, on a fresh trainer."""
+    backend.fused_head = backend.fused_head and head == "fused"
+    if adamw != "fused":
+        backend.optimizer, backend.scheduler = build_optimizer(backend.model.parameters(), backend.cfg, adamw)
 
 
 def packed_logprobs(backend: FSDPBackend, groups: list[list[TrainSequence]]) -> torch.Tensor:
@@ -190,22 +201,26 @@ def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float |
     n_global = sum(len(s.response_ids) for b in bins for s in b)
     mbs = [make_micro_batch(b, num_global_tokens=n_global, temperature=1.0) for b in bins]
     rows = []
-    for attn, comp in [(a, c) for a in args.attn for c in args.compile]:   # a fresh trainer each, same weights
-        def one(attn=attn, comp=comp):
+    kinds = [(a, c, h, o) for a in args.attn for c in args.compile for h in args.head for o in args.adamw]
+    for attn, comp, head, adamw in kinds:   # a fresh trainer each, same weights
+        def one(attn=attn, comp=comp, head=head, adamw=adamw):
             free(args.device)
             backend = build(args, model_dir, f"models.policy_trainer.gradient_checkpointing={gc_on}",
                             f"models.policy_trainer.torch_compile={bool(comp)}", attn=attn)
+            set_kernels(backend, head, adamw)
             n_params = matmul_params(backend.model)
             if not gc_on:
                 diff = (packed_logprobs(backend, [bins[0]]) - reference).abs()
-                check[variant(attn, comp)] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+                check[variant(attn, comp, head, adamw)] = {"max_abs_diff": float(diff.max()),
+                                                           "mean_abs_diff": float(diff.mean())}
             flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
             res = {"matmul_params": n_params, "model_flops_per_step": flops,
                    **run_steps(backend, mbs, args.warmup, args.steps, flops, peak)}
             del backend
             return res
-        rows.append({"gradient_checkpointing": gc_on, "attn": variant(attn, comp),
-                     **attempt(f"mfu gc={gc_on} {variant(attn, comp)}", one)})
+        rows.append({"gradient_checkpointing": gc_on, "attn": variant(attn, comp, head, adamw),
+                     "lm_head": head, "adamw": adamw,
+                     **attempt(f"mfu gc={gc_on} {variant(attn, comp, head, adamw)}", one)})
     return rows
 
 
@@ -218,7 +233,7 @@ def part_mfu(args, model_dir: str, shape: dict, peak: float | None) -> dict:
     backend = build(args, model_dir)   # the same seeded weights as every variant's trainer
     reference = packed_logprobs(backend, [[s] for s in bins[0]])
     del backend
-    for gc_on in (False, True):
+    for gc_on in sorted({bool(g) for g in args.gc}):
         out["rows"] += mfu_rows(args, model_dir, gc_on, shape, bins, peak, out["attn_logprobs"], reference)
     return out
 
@@ -316,6 +331,11 @@ def main() -> None:
         "values of the mfu rows and the packed rows (padded runs sdpa)")
     add("--compile", nargs="+", type=int, choices=[0, 1], default=[0], help="models.policy_trainer.torch_compile "
         "values of the mfu and packed rows (1: each decoder layer compiled)")
+    add("--head", nargs="+", choices=["fused", "unfused"], default=["fused"], help="the mfu rows' LM head: fused "
+        "with the logprobs (the trainer's default) or the full logits first")
+    add("--adamw", nargs="+", choices=["fused", "foreach"], default=["fused"], help="the mfu rows' AdamW "
+        "implementation (fused: the trainer's default)")
+    add("--gc", nargs="+", type=int, choices=[0, 1], default=[0, 1], help="gradient checkpointing of the mfu rows")
     add("--pack", type=int, default=8192, help="models.policy_trainer.max_token_in_packing")
     add("--mfu-micro-batches", type=int, default=4, help="packed micro-batches per MFU step")
     add("--warmup", type=int, default=2)
@@ -368,7 +388,7 @@ def summary(r: dict) -> None:
     err = lambda row: f"ERROR {row['error'][:150]}"   # noqa: E731
     print(f"\n== trainer benchmark: {r['model']} on {r['card']} (peak {r['peak_tflops']} TFLOPS) ==")
     for row in r.get("mfu", {}).get("rows", []):
-        print(f"mfu  gc={'on ' if row['gradient_checkpointing'] else 'off'} {row['attn']:<24}", err(row) if "error" in
+        print(f"mfu  gc={'on ' if row['gradient_checkpointing'] else 'off'} {row['attn']:<40}", err(row) if "error" in
               row else f"{row['useful_tokens_per_s']:>9.0f} tok/s {row['model_tflops_per_s']:6.1f} TFLOPS  "
               f"MFU {f(row['mfu'], '.1%')}  mem {f(row.get('peak_memory_gib'), '.1f')} GiB")
     for attn, row in r.get("mfu", {}).get("attn_logprobs", {}).items():

@@ -59,6 +59,7 @@ class RpcTimeouts:
     logprobs: float = 600.0  # ComputeLogProbs: the agreement check's forward pass
     weight_sync: float = 600.0  # Prepare/Send/Receive/CommitWeights; also the sync group's collective timeout
     checkpoint: float = 3600.0  # SaveCheckpoint, LoadCheckpoint, ExportHF
+    memory: float = 600.0  # Sleep, WakeUp (rollout) and Offload, Onload (trainer): moving weights and optimizer state
     control: float = 10.0  # GetInfo, AbortWeights and health probes
 
 
@@ -102,6 +103,7 @@ class PolicyConfig:
     top_k: int = -1  # sample from the k most likely tokens (-1 = off)
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end a response
     max_num_seqs: int = 64  # the built-in engine's batch size (sequences decoded together)
+    enable_sleep_mode: bool = False  # vLLM's sleep mode, so the replica can release its GPU memory while the trainer runs (GPU only)
 
 
 @dataclass
@@ -139,6 +141,7 @@ class PolicyTrainerConfig:
     attn_implementation: str = "sdpa"  # trainer attention over packed rows: sdpa or flex_attention (block-sparse)
     torch_compile: bool = False  # compile each decoder layer with torch.compile (fused elementwise work; first steps compile)
     ref_offload: bool = False  # keep the reference model's shards in host memory between uses (GPU)
+    offload: bool = False  # let the trainer move its parameter shards and optimizer state to host memory while rollout runs (Offload; GPU)
     save_hf: bool = False  # also write an HF directory (safetensors) in each checkpoint, under hf/
     # backend=megatron (Megatron-core) only; ChatLearn's names. docs/architecture.md says what each trades.
     tensor_model_parallel_size: int = 1  # ranks each layer's matmuls are split over (TP)
@@ -322,6 +325,8 @@ APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
     # keys of one engine or mode
     ("models.policy.gpu_memory_utilization", lambda c: c.models.policy.engine == "vllm",
      "with models.policy.engine=vllm (the built-in engine sizes its KV cache per batch)"),
+    ("models.policy.enable_sleep_mode", lambda c: c.models.policy.engine == "vllm",
+     "with models.policy.engine=vllm (the built-in engine can always sleep)"),
     ("runtime_args.train_micro_batch_size", lambda c: not c.models.policy_trainer.packing,
      "with models.policy_trainer.packing=False (packed micro-batches are sized by "
      "models.policy_trainer.max_token_in_packing)"),

@@ -103,7 +103,7 @@ def run_grpo(ctx: RunContext) -> None:
             with producer.between_batches(serving=version), timer("sync"), activity("sync"), placement.sync():
                 synced = ctx.sync.sync(version)
             run.record_step(step, step_metrics(batch, lag, train, agreement, synced, timer, activity,
-                                               ctx.rollouts.discarded))
+                                               ctx.rollouts.discarded) | placement.metrics())
             evaluate(step)                      # every runtime_args.eval_episode_interval and after the last step
             if ra.save_episode_interval and step % ra.save_episode_interval == 0:
                 checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")

@@ -10,9 +10,9 @@ branches inside the loop.
   replica's and the loop is synchronous; disaggregated otherwise (always on CPU, where no GPU is
   shared).
 
-The colocated hooks act through `PlacementActions`. The RPCs behind it (engine sleep / wake-up,
-trainer offload / onload) are added to the services beside this module; until a run's services
-have them, `NoActions` stands in and colocated placement only orders the phases.
+The colocated hooks act through `PlacementActions`; `ServiceActions` calls the services' RPCs for
+them (rollout Sleep / WakeUp, trainer Offload / Onload, under runtime_args.rpc_timeout_s.memory) and
+keeps the memory each call reports, which the loop adds to the step's metrics.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import contextlib
 from typing import Iterator, Protocol, Sequence
 
 from rlgrid.v1 import common_pb2 as pb
+from rlgrid.v1 import rollout_pb2 as rpb
 from services.common.config import RLConfig
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 
@@ -58,6 +59,48 @@ class NoActions:
         pass
 
 
+class ServiceActions:
+    """PlacementActions through the services' RPCs. Engines sleep at level 2 (the weight sync after
+    training refills the weights, so nothing is copied to host); the trainer offloads only when
+    models.policy_trainer.offload lets it, and vLLM replicas sleep only with
+    models.policy.enable_sleep_mode (otherwise that side keeps its memory, as the log says)."""
+
+    SLEEP_LEVEL = 2
+
+    def __init__(self, cfg: RLConfig, trainer: TrainerClient, rollouts: RolloutPool):
+        self.trainer, self.rollouts = trainer, rollouts
+        self.offload = cfg.models.policy_trainer.offload
+        self.sleep = cfg.models.policy.engine != "vllm" or cfg.models.policy.enable_sleep_mode
+        self.reports: dict[str, float] = {}
+
+    def describe(self) -> str:
+        kept = ([] if self.sleep else ["the engines keep theirs (models.policy.enable_sleep_mode=False)"]) + \
+               ([] if self.offload else ["the trainer keeps its state (models.policy_trainer.offload=False)"])
+        return "; ".join(kept)
+
+    def _record(self, phase: str, reports: Sequence[pb.MemoryReport]) -> None:
+        if reports:   # the replicas' largest; the device's count is shared by everyone on it
+            self.reports.update({f"memory/{phase}_peak_gib": max(r.peak_allocated_gib for r in reports),
+                                 f"memory/{phase}_device_used_gib": max(r.device_used_gib for r in reports)})
+
+    def sleep_rollouts(self) -> None:
+        if self.sleep:   # the generation phase's peak, then what the GPU holds once they released it
+            self._record("rollout", self.rollouts.call_all("Sleep", rpb.SleepRequest(level=self.SLEEP_LEVEL),
+                                                           key="memory"))
+
+    def wake_rollouts(self, tags: Sequence[str]) -> None:
+        if self.sleep:
+            self.rollouts.call_all("WakeUp", rpb.WakeUpRequest(tags=list(tags)), key="memory")
+
+    def offload_trainer(self) -> None:
+        if self.offload:   # the trainer's peak since its last report (training and the sync)
+            self._record("trainer", [self.trainer.call("Offload", pb.Empty(), key="memory")])
+
+    def onload_trainer(self) -> None:
+        if self.offload:
+            self.trainer.call("Onload", pb.Empty(), key="memory")
+
+
 class Placement:
     """Disaggregated placement, and the hooks every placement has: context managers the loop wraps
     around the rollout of a batch, the trainer's work of a step, and each weight sync."""
@@ -69,6 +112,10 @@ class Placement:
 
     def describe(self) -> str:
         return f"placement {self.name}: {self.why}"
+
+    def metrics(self) -> dict[str, float]:
+        """Memory the services reported at the last handover (colocated with ServiceActions)."""
+        return dict(getattr(self.actions, "reports", {}))
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
@@ -92,9 +139,9 @@ class Colocated(Placement):
     name = "colocated"
 
     def describe(self) -> str:
-        handover = ("" if not isinstance(self.actions, NoActions) else
-                    " (phases take turns; no memory is handed over: the services' sleep/offload calls are not wired)")
-        return super().describe() + handover
+        kept = (self.actions.describe() if isinstance(self.actions, ServiceActions) else
+                "no memory is handed over" if isinstance(self.actions, NoActions) else "")
+        return super().describe() + (f" ({kept})" if kept else "")
 
     @contextlib.contextmanager
     def rollout(self) -> Iterator[None]:
@@ -141,4 +188,4 @@ def choose_placement(cfg: RLConfig, trainer: TrainerClient, rollouts: RolloutPoo
     trainer_gpus = trainer.call("GetInfo", pb.Empty()).gpu_uuids
     replica_gpus = [info.gpu_uuids for info in rollouts.call_all("GetInfo", pb.Empty())]
     kind, why = decide(cfg.runtime_args.placement, cfg.runtime_args.off_policy_steps, trainer_gpus, replica_gpus)
-    return (Colocated if kind == "colocated" else Placement)(actions or NoActions(), why)
+    return (Colocated if kind == "colocated" else Placement)(actions or ServiceActions(cfg, trainer, rollouts), why)

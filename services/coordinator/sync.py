@@ -9,22 +9,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rlgrid.v1 import common_pb2 as pb
-from services.common.weight_sync import Rendezvous, choose_backend
+from services.common.weight_sync import Rendezvous, choose_backend, choose_transport
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 
 log = logging.getLogger(__name__)
 
 
 class WeightSync:
-    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *, bucket_mb: int):
+    def __init__(self, rendezvous: Rendezvous, trainer: TrainerClient, rollouts: RolloutPool, *, bucket_mb: int,
+                 ipc: bool = True):
+        """`ipc`: plan cuda_ipc where every replica shares the trainer's GPU (False: always a broadcast group;
+        bench/gpu_colocated.py measures both)."""
         self.rendezvous, self.trainer, self.rollouts = rendezvous, trainer, rollouts
         self.bucket_bytes = bucket_mb * 1024 * 1024
         # the group's own collectives give up when the calls driving them do (rpc_timeout_s.weight_sync)
         self.timeout_s = math.ceil(trainer.timeouts.weight_sync)
         self.group_id: str | None = None
+        self.kind = ""              # how the group moves the weights: cuda_ipc, nccl or gloo
         self._members: list = []    # the replicas the group was built for
+        self.ipc = ipc              # off once cuda_ipc could not join (e.g. separate IPC namespaces): broadcast from then on
 
-    def _plan(self) -> list[pb.WeightSyncPlan]:
+    def _plan(self, ipc: bool = True) -> list[pb.WeightSyncPlan]:
         tinfo = self.trainer.call("GetInfo", pb.Empty())
         rinfos = self.rollouts.call_all("GetInfo", pb.Empty())
         by_name = [{p.name: (tuple(p.shape), p.dtype) for p in r.params} for r in rinfos]
@@ -37,14 +42,16 @@ class WeightSync:
                             f"{len(by_name[0])} parameters): models.policy.load and models.policy_trainer.load "
                             f"must be the same architecture")
         wire = [pb.ParamSpec(name=t.name, shape=t.shape, dtype=by_name[0][t.name][1]) for t in tinfo.params]
-        backend, why = choose_backend(tinfo, rinfos)
+        transport, backend, why = choose_transport(tinfo, rinfos)
+        if transport == "cuda_ipc" and not ipc:
+            (backend, why), transport = choose_backend(tinfo, rinfos), "broadcast"
         if why:
-            log.info("weight sync over gloo: %s", why)
+            log.info("weight sync over %s: %s", backend or transport, why)
         ranks, world_size = [0], 1   # the trainer sends as rank 0
         for r in rinfos:              # a replica with k receiving processes takes k consecutive ranks
             ranks.append(world_size)
             world_size += max(r.sync_ranks, 1)
-        common = dict(group_id=self.rendezvous.new_group_id(), transport="broadcast",
+        common = dict(group_id=self.rendezvous.new_group_id(), transport=transport,
                       secret=self.rendezvous.new_secret(),   # the store prefix: members only (security.md)
                       backend=backend, rendezvous_host=self.rendezvous.host,
                       rendezvous_port=self.rendezvous.port, world_size=world_size, params=wire,
@@ -52,15 +59,28 @@ class WeightSync:
         return [pb.WeightSyncPlan(rank=rank, **common) for rank in ranks]
 
     def _prepare(self) -> None:
-        plans = self._plan()
+        plans = self._plan(ipc=self.ipc)
+        try:
+            self._join(plans)
+        except StepError as exc:
+            if plans[0].transport != "cuda_ipc" or "could not map the trainer's memory" not in str(exc):
+                raise
+            # a member failed to map the trainer's memory (processes in separate containers without a shared
+            # IPC namespace, for one): nothing changed, so the same members join a broadcast group instead
+            log.warning("weight sync over cuda_ipc failed to join, using a broadcast group instead: %s", exc)
+            self.ipc = False
+            plans = self._plan(ipc=False)
+            self._join(plans)
+        self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)
+        self.kind = plans[0].backend or plans[0].transport
+        log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(plans) - 1, self.kind)
+
+    def _join(self, plans: list[pb.WeightSyncPlan]) -> None:
         members = [self.trainer, *self.rollouts.replicas]
         with ThreadPoolExecutor(len(members)) as pool:
             futures = [pool.submit(m.call, "PrepareWeightSync", plan, "weight_sync") for m, plan in zip(members, plans)]
             for f in futures:
                 f.result()
-        self.group_id, self._members = plans[0].group_id, list(self.rollouts.replicas)
-        log.info("weight-sync group %s: trainer + %d replicas over %s", self.group_id, len(members) - 1,
-                 plans[0].backend)
 
     def sync(self, version: int) -> dict[str, float]:
         """Every replica serves `version` afterwards, or (on error) still its old version. A replica

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from rlgrid.v1 import common_pb2 as pb
 from services.common import weight_sync
+from services.common.memory import memory_report
+from services.common.rpc import FailedPrecondition, InvalidArgument
 from services.common.weight_sync import ParamMeta
+
+WAKE_TAGS = ("weights", "kv_cache")   # what a sleep releases and a wake-up brings back (vLLM's tags)
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class EngineInfo:
 
 
 class Engine(abc.ABC):
-    """Generates with the serving weights; receives new weights in two phases (stage, commit).
+    """Generates with the serving weights; receives new weights in two phases (stage, commit); gives its
+    memory up while the trainer runs on the same GPU (sleep, wake_up).
 
     Weight-sync membership lives here too: by default the service process itself joins the group
     and stages what it receives (the built-in engine). An engine whose weights live in other
@@ -57,6 +62,37 @@ class Engine(abc.ABC):
 
     device: torch.device
     _transport: weight_sync.WeightTransport | None = None
+    sleep_level: int = 0         # 0 awake, else the level of the sleep it is in
+    weights_valid: bool = True   # False from a level-2 sleep until a weight sync commits
+    asleep: frozenset[str] = frozenset()   # WAKE_TAGS a sleep released and no wake-up brought back yet
+
+    def check_serving(self) -> None:
+        """Raises FailedPrecondition unless the engine can generate now."""
+        if self.asleep:
+            raise FailedPrecondition(f"this replica is asleep (Sleep level {self.sleep_level}): call WakeUp first "
+                                     f"(still asleep: {', '.join(sorted(self.asleep))})")
+        if not self.weights_valid:
+            raise FailedPrecondition("this replica dropped its weights in a level-2 Sleep and no weight sync has "
+                                     "committed since: sync the weights (PrepareWeightSync, ReceiveWeights, "
+                                     "CommitWeights) before it generates")
+
+    def check_awake(self, what: str) -> None:
+        """Raises FailedPrecondition while the weights are asleep (`what` needs them)."""
+        if "weights" in self.asleep:
+            raise FailedPrecondition(f"this replica is asleep (Sleep level {self.sleep_level}): call WakeUp before "
+                                     f"{what}")
+
+    def _woken(self, tags: Sequence[str]) -> frozenset[str]:
+        """The tags of a wake-up (all when none) that are still asleep; refuses unknown tags."""
+        unknown = sorted(set(tags) - set(WAKE_TAGS))
+        if unknown:
+            raise InvalidArgument(f"tags: unknown {unknown}; use {list(WAKE_TAGS)} (none = both)")
+        return frozenset(tags or WAKE_TAGS) & self.asleep
+
+    def _after_wake(self, woken: frozenset[str]) -> None:
+        self.asleep -= woken
+        if not self.asleep:
+            self.sleep_level = 0
 
     def join_weight_sync(self, plan: pb.WeightSyncPlan) -> None:
         """Joins the group as `plan.rank` (.. + sync_ranks - 1); blocks until every member joined.
@@ -105,6 +141,21 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def abort_weights(self) -> None:
         """Drops staged weights."""
+
+    @abc.abstractmethod
+    def sleep(self, level: int) -> None:
+        """Releases memory for another process on the GPU: level 1 drops the KV cache (and CUDA graphs)
+        and moves the weights to host memory; level 2 drops the weights too (`weights_valid` turns False
+        until a commit). Staged weights are dropped. Idempotent; a deeper level deepens the sleep."""
+
+    @abc.abstractmethod
+    def wake_up(self, tags: Sequence[str] = ()) -> None:
+        """Brings back what sleep released, by WAKE_TAGS (none = all; level 2: the memory, not the
+        weights). Idempotent."""
+
+    def memory(self) -> dict[str, float]:
+        """`services.common.memory.memory_report` of the process(es) holding the engine's GPU memory."""
+        return memory_report(self.device)
 
     @property
     @abc.abstractmethod

@@ -113,13 +113,15 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             self.model_roots.confine(p.load, "models.policy.load")
         # everything build_engine reads: a run that changes any of it gets a new engine
         key = (p.engine, p.load, p.dtype, p.max_num_seqs, p.tensor_model_parallel_size, p.gpu_memory_utilization,
-               p.enforce_eager, p.max_prompt_tokens_length + p.max_response_tokens_length, cfg.runtime_args.seed)
+               p.enforce_eager, p.max_prompt_tokens_length + p.max_response_tokens_length, cfg.runtime_args.seed,
+               p.enable_sleep_mode)
         with self._setup_lock:
             engine = self.engine
             if self._config_key != key or engine is None:
                 log.info("setting up %s engine for %s", p.engine, p.load)
                 engine = build_engine(cfg, self.device)   # the old engine serves until this succeeds
             check_context(cfg, engine.info().context_length)
+            engine.wake_up()   # a run starts awake, whatever the previous one left
             self.engine, self._config_key, self.cfg = engine, key, cfg   # nothing changed until here
             self.run_id = request.run_id
         return self._info()
@@ -167,6 +169,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                                       f"and rollout must load the same architecture (models.policy.load)")
         if len(theirs) != len(mine):
             raise InvalidArgument(f"params: plan has {len(theirs)} parameters, this replica's model {len(mine)}")
+        weight_sync.check_member(request, engine.device)
         weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
         engine.join_weight_sync(request)
         log.info("joined weight-sync group %s as rank %d/%d", request.group_id, request.rank, request.world_size)
@@ -201,6 +204,23 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return pb.Empty()
 
     @handle_errors
+    def Sleep(self, request, context):
+        engine = self._engine()
+        if request.level not in (1, 2):
+            raise InvalidArgument(f"level must be 1 (KV cache dropped, weights kept in host memory) or 2 (weights "
+                                  f"dropped too; a weight sync must commit before the next Generate), got {request.level}")
+        start = time.perf_counter()
+        engine.sleep(request.level)
+        log.info("asleep at level %d in %.3f s", request.level, time.perf_counter() - start)
+        return pb.MemoryReport(**engine.memory())
+
+    @handle_errors
+    def WakeUp(self, request, context):
+        engine = self._engine()
+        engine.wake_up(tuple(request.tags))
+        return pb.MemoryReport(**engine.memory())
+
+    @handle_errors
     def GetInfo(self, request, context):
         return self._info()
 
@@ -211,7 +231,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rpb.RolloutInfo(engine=i.engine, model=i.model, policy_version=self.engine.version, device=i.device,
                                params=weight_sync.specs_to_wire(i.params), vocab_size=i.vocab_size,
                                eos_token_id=i.eos_token_id, dtype=i.dtype, run_id=self.run_id,
-                               sync_ranks=i.sync_ranks, gpu_uuids=i.gpu_uuids, max_message_mb=self.max_message_mb)
+                               sync_ranks=i.sync_ranks, gpu_uuids=i.gpu_uuids, max_message_mb=self.max_message_mb,
+                               sleep_level=self.engine.sleep_level, weights_valid=self.engine.weights_valid)
 
 
 def check_context(cfg: RLConfig, context_length: int) -> None:

@@ -9,11 +9,13 @@ import torch
 
 from services.common.batches import MicroBatch
 from services.common.config import RLConfig
+from services.common.memory import StorageSwap, free_cached
 from services.common.weight_sync import ParamMeta
 
 
 class TrainerBackend(abc.ABC):
     device: torch.device   # this rank's device (rank 0's sends the weights)
+    _swap: StorageSwap | None = None   # what offload() released
 
     @staticmethod
     def check(cfg: RLConfig, world_size: int) -> None:
@@ -52,6 +54,31 @@ class TrainerBackend(abc.ABC):
     def load_checkpoint(self, path: str) -> dict:
         """Restores model, optimizer and step; returns the `extra` saved with them."""
 
+    @abc.abstractmethod
+    def state_tensors(self) -> Iterable[torch.Tensor]:
+        """What offload() moves to host memory: this rank's parameter shards and gradients, the optimizer's
+        state and the reference model's shards (those on the device; views of them are fine)."""
+
+    def offload(self) -> None:
+        """Moves state_tensors() to host memory in place (every tensor object stays valid) and hands the
+        freed memory to the driver. Idempotent; onload() first before anything that uses them. The
+        pinned host buffers are kept for the next offload while the state's tensors stay the same."""
+        if not self.offloaded:
+            tensors = list(self.state_tensors())
+            if self._swap is None or not self._swap.covers(tensors):
+                self._swap = StorageSwap(tensors, self.device)
+            self._swap.release(keep=True)
+        free_cached(self.device)
+
+    def onload(self) -> None:
+        """Brings back what offload() moved. Idempotent."""
+        if self._swap is not None:
+            self._swap.restore()
+
+    @property
+    def offloaded(self) -> bool:
+        return self._swap is not None and self._swap.released
+
     @property
     @abc.abstractmethod
     def step(self) -> int: ...
@@ -59,3 +86,9 @@ class TrainerBackend(abc.ABC):
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int: ...
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor in the optimizer's per-parameter state (AdamW: exp_avg, exp_avg_sq, step)."""
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if torch.is_tensor(v))

@@ -242,6 +242,21 @@ def combine_metrics(totals: dict[str, float], metrics: Mapping[str, float | torc
             totals[key] = pick(totals[key], value) if key in totals else value
 
 
+def _chunk_stats(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probability of ``targets``, entropy (or None) and log-normaliser under
+    ``softmax(logits / temperature)``; ``logits`` [C, V] in any float dtype, computed in float32."""
+    scaled = logits.float() / temperature
+    log_norm = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logprobs, None, log_norm
+    probs = torch.exp(scaled - log_norm.unsqueeze(-1))
+    entropy = log_norm - (probs * scaled).sum(dim=-1)
+    return logprobs, entropy, log_norm
+
+
 def _chunk_logprobs_and_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -249,13 +264,7 @@ def _chunk_logprobs_and_entropy(
 
     ``logits`` is [C, V] (any float dtype), ``targets`` is [C]; computed in float32.
     """
-    scaled = logits.float() / temperature
-    log_norm = torch.logsumexp(scaled, dim=-1)
-    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    if not with_entropy:
-        return logprobs, None
-    probs = torch.exp(scaled - log_norm.unsqueeze(-1))
-    entropy = log_norm - (probs * scaled).sum(dim=-1)
+    logprobs, entropy, _ = _chunk_stats(logits, targets, temperature, with_entropy)
     return logprobs, entropy
 
 
@@ -344,3 +353,95 @@ def token_logprobs_and_entropy(
         return logprobs, None
     entropy = torch.stack([ent for _, ent in rows]) if rows else torch.zeros_like(logprobs)
     return logprobs, entropy
+
+
+# ---- the LM head fused with the logprobs ------------------------------------------------------------
+
+# rows per chunk of the fused head: about this many float32 logits at once (1 GiB)
+FUSED_CHUNK_ELEMENTS = 1 << 28
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The LM head on rows of hidden states, in their dtype, as the model's own head computes them."""
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+class _FusedHeadLogprobs(torch.autograd.Function):
+    """Forward: per chunk of rows, logits = head(hidden), then the float32 logprob / entropy of them;
+    only [N]-sized results are kept. Backward: per chunk, the logits are recomputed and their gradient
+    is formed in place (d logprob / d s = onehot - p; d entropy / d s = -p (s - log Z + H), s = logits / T)
+    and multiplied straight into the hidden-state and weight gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, rows):
+        n = hidden.shape[0]
+        logprobs = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
+        log_norm = hidden.new_empty(n, dtype=torch.float32)
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            lp, ent, lz = _chunk_stats(_head_logits(hidden[part], weight, bias), targets[part], temperature,
+                                       with_entropy)
+            logprobs[part], log_norm[part] = lp, lz
+            if with_entropy:
+                entropy[part] = ent
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm, entropy)
+        ctx.temperature, ctx.with_entropy, ctx.rows = temperature, with_entropy, rows
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, d_logprobs, d_entropy):
+        hidden, weight, bias, targets, log_norm, entropy = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        # accumulated in the weight's dtype, one GEMM with beta=1 per chunk (float32 inside the GEMM)
+        d_weight = torch.zeros_like(weight) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            h = hidden[part]
+            scaled = _head_logits(h, weight, bias).float().div_(t)
+            lz = log_norm[part].unsqueeze(-1)
+            probs = torch.exp(scaled - lz)
+            dlp = d_logprobs[part].unsqueeze(-1)
+            if ctx.with_entropy:   # dlp + dH (s - log Z + H), in place of s
+                shift = lz - entropy[part].unsqueeze(-1)
+                grad = scaled.sub_(shift).mul_(d_entropy[part].unsqueeze(-1)).add_(dlp).mul_(probs).neg_()
+            else:
+                grad = probs.mul_(dlp).neg_()
+            grad.scatter_add_(-1, targets[part].unsqueeze(-1), dlp)
+            grad = grad.div_(t).to(hidden.dtype)
+            if need_h:
+                d_hidden[part] = grad @ weight
+            if need_w:
+                d_weight.addmm_(grad.t(), h)
+            if need_b:
+                d_bias += grad.sum(0, dtype=torch.float32)
+        return (d_hidden, d_weight, d_bias.to(bias.dtype) if need_b else None, None, None, None, None)
+
+
+def fused_head_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`selected_logprobs_and_entropy` of ``head(hidden)`` without the logits: the LM head
+    (``weight`` [V, H], optional ``bias``) runs on ``chunk_size`` rows of ``hidden`` [N, H] at a time, so
+    neither the [N, V] logits in the model's dtype nor their float32 form (nor their gradient) is ever
+    held; backward recomputes each chunk's logits. Same float32 math as the unfused path; the weight's
+    gradient is accumulated over chunks in the weight's dtype (tests/unit/test_loss.py states the
+    agreement). ``chunk_size`` default: about ``FUSED_CHUNK_ELEMENTS`` logits per chunk."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or \
+            targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [N, H], weight [V, H] and targets [N], got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)} and {tuple(targets.shape)}")
+    rows = chunk_size or max(1, FUSED_CHUNK_ELEMENTS // weight.shape[0])
+    logprobs, entropy = _FusedHeadLogprobs.apply(hidden, weight, bias, targets, temperature, with_entropy, rows)
+    return logprobs, (entropy if with_entropy else None)

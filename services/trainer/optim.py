@@ -31,9 +31,18 @@ def lr_factor(step: int, cfg: RLConfig) -> float:
     return floor + (1.0 - floor) * shape
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: RLConfig
+IMPLEMENTATIONS = ("fused", "foreach")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: RLConfig, implementation: str = "fused"
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule. `implementation`: "fused" (one kernel over all parameters per step, on
+    CUDA and CPU; the default) or "foreach" (torch's default on CUDA: a few multi-tensor kernels per
+    state); bench/trainer.py measures both. Same math, same state."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"AdamW implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     o = cfg.models.policy_trainer.optimizer
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                  weight_decay=o.weight_decay)
+                                  weight_decay=o.weight_decay, fused=implementation == "fused",
+                                  foreach=implementation == "foreach")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

@@ -16,14 +16,17 @@ import torch.distributed as dist
 from services.common import weight_sync
 from services.common.batches import MicroBatch
 from services.common.config import RLConfig, load_config
+from services.common.memory import GIB
 from services.trainer.backend import TrainerBackend
 from services.trainer.backends.fsdp import init_distributed
 from services.trainer.loss import EXTREMES
 
 log = logging.getLogger("trainer")
 
-# metrics that are the same on every rank (not summed over ranks)
-_SHARED_METRICS = {"grad_norm", "lr"}
+# metrics that are the same on every rank (not summed over ranks), and those of rank 0's GPU
+_SHARED_METRICS = {"grad_norm", "lr", "memory/peak_gib", "memory/device_used_gib"}
+# operations that need the parameters and optimizer state where they live: after an Offload, they come back first
+_NEEDS_STATE = {"train", "logprobs", "send_weights", "save", "export_hf", "load"}
 
 
 def backend_class(cfg: RLConfig) -> type[TrainerBackend]:
@@ -80,6 +83,8 @@ class TrainerRanks:
     def run(self, op: str, *args, payload: Any = None) -> Any:
         """Rank 0: runs `op` on every rank, returns rank 0's result. `args` go to every rank;
         `payload` stays on rank 0 (an op that takes one hands each rank its part itself)."""
+        if op in _NEEDS_STATE and self.backend is not None and self.backend.offloaded:
+            self.run("onload")
         if self.world > 1:
             dist.broadcast_object_list([(op, args)], src=0, group=self.control)
         fn = getattr(self, f"_{op}")
@@ -119,7 +124,13 @@ class TrainerRanks:
         else:
             mine = [micro_batches]
         start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         local = self.backend.train_step(mine[0])
+        if self.device.type == "cuda":   # the train phase's peak on this rank's GPU, and the whole GPU after it
+            free, total = torch.cuda.mem_get_info(self.device)
+            local.update({"memory/peak_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
+                          "memory/device_used_gib": (total - free) / GIB})
         if self.world == 1:
             return local
         # sums over ranks, except the extremes (a min is the max of its negation) and the shared values
@@ -145,6 +156,14 @@ class TrainerRanks:
         for _ in params:
             pass
         return 0
+
+    def _offload(self) -> None:
+        if self.transport is not None:
+            self.transport.release()   # its buffers (broadcast) come back with the next send
+        self.backend.offload()
+
+    def _onload(self) -> None:
+        self.backend.onload()
 
     def _save(self, path: str, extra: dict) -> None:
         self.backend.save_checkpoint(path, extra)

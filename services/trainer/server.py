@@ -19,6 +19,7 @@ from rlgrid.v1 import trainer_pb2_grpc
 from services.common import batches, weight_sync
 from services.common.config import RLConfig, load_config
 from services.common.logs import setup_logging
+from services.common.memory import memory_report
 from services.common.paths import Roots, add_root_args, roots_from_args
 from services.common.rpc import (
     FailedPrecondition,
@@ -85,6 +86,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if self.model_roots:
             self.model_roots.confine(cfg.models.policy_trainer.load, "models.policy_trainer.load")
         backend_class(cfg).check(cfg, self.ranks.world)
+        if cfg.models.policy_trainer.offload and self.device.type != "cuda":
+            raise InvalidArgument(f"models.policy_trainer.offload=True moves GPU memory to the host; this trainer runs "
+                                  f"on {self.device}, whose memory is the host's: remove it")
         with self._lock:
             log.info("setting up %s backend for %s on %d rank(s) (run %s)", cfg.models.policy_trainer.backend,
                      cfg.models.policy_trainer.load, self.ranks.world, request.run_id)
@@ -157,6 +161,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if mine != theirs:
             diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (len(mine), len(theirs)))
             raise InvalidArgument(f"params do not match the trainer's model (first difference: {diff})")
+        weight_sync.check_member(request, self.device)
         weight_sync.check_plan_secret(request)   # before anything else: a refusal changes nothing
         transport = weight_sync.connect(request, self.device)   # only rank 0 is a member
         self._leave_weight_sync()   # the old group only once the new one is joined: a failed join changes nothing
@@ -218,6 +223,25 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                                    extra_json=json.dumps(extra))
 
     @handle_errors
+    def Offload(self, request, context):
+        _, cfg, _ = self._set_up()
+        if not cfg.models.policy_trainer.offload:
+            raise FailedPrecondition("this run keeps the trainer's state on the GPU: set "
+                                     "models.policy_trainer.offload=True to let it move to host memory during rollout")
+        with self._lock:
+            start = time.perf_counter()
+            self.ranks.run("offload")
+            log.info("offloaded to host memory in %.3f s", time.perf_counter() - start)
+        return pb.MemoryReport(**memory_report(self.device))
+
+    @handle_errors
+    def Onload(self, request, context):
+        self._set_up()
+        with self._lock:
+            self.ranks.run("onload")
+        return pb.MemoryReport(**memory_report(self.device))
+
+    @handle_errors
     def GetInfo(self, request, context):
         return self._info()
 
@@ -231,7 +255,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                                model=cfg.models.policy_trainer.load if cfg else "", world_size=self.ranks.world,
                                device=str(self.device), params=weight_sync.specs_to_wire(b.param_specs()),
                                run_id=self.run_id, gpu_uuids=weight_sync.gpu_uuids(b.device),
-                               max_message_mb=self.max_message_mb)
+                               max_message_mb=self.max_message_mb, offloaded=b.offloaded)
 
 
 def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,

@@ -203,6 +203,8 @@ def test_steering_a_worker_needs_its_secret(trainer_set_up):
                  lambda: rollout.Generate(rpb.GenerateRequest(n=1, prompts=[rpb.Prompt(prompt_ids=ids_to_wire([3]))],
                                                               sampling=pb.SamplingParams(temperature=1, top_p=1,
                                                                                          top_k=-1, max_tokens=2))),
+                 lambda: rollout.Sleep(rpb.SleepRequest(level=2)), lambda: rollout.WakeUp(rpb.WakeUpRequest()),
+                 lambda: trainer.Offload(pb.Empty()), lambda: trainer.Onload(pb.Empty()),
                  lambda: trainer.Train(iter([batches.to_proto(good_batch())])),
                  lambda: trainer.SaveCheckpoint(tpb.CheckpointRequest(path="/tmp/x")),
                  lambda: trainer.Setup(pb.SetupRequest(run_id="x"))]

@@ -371,7 +371,69 @@ def test_enforce_eager_keeps_exact_shapes(tiny_model_dir):
     assert not e.fixed_shapes and e._rows_for(5) == 5
 
 
-# ---- CUDA graphs (run where a GPU is) ---------------------------------------------------------------
+# ---- sleep and wake up --------------------------------------------------------------------------------
+
+def _param_bytes(engine) -> int:
+    return sum(p.untyped_storage().nbytes() for p in engine.model.parameters())
+
+
+def test_level_1_sleep_drops_the_kv_cache_and_wakes_to_the_same_outputs(fresh_engine):
+    from services.common.rpc import FailedPrecondition
+    e = fresh_engine
+    before = _outputs(e)
+    assert e._slots is not None
+    e.sleep(1)
+    e.sleep(1)   # idempotent
+    assert e._slots is None and e.sleep_level == 1 and e.weights_valid
+    with pytest.raises(FailedPrecondition, match="asleep .Sleep level 1.: call WakeUp first"):
+        _generate(e)
+    e.stage_weights(iter(_new_weights(e).items()), version=2)   # receiving while asleep is fine ...
+    with pytest.raises(FailedPrecondition, match="WakeUp before CommitWeights"):
+        e.commit_weights(2)   # ... committing is not
+    e.wake_up()
+    e.wake_up()
+    assert e.sleep_level == 0 and _outputs(e) == before and e.version == 0
+
+
+def test_wake_up_by_tag_brings_back_the_weights_before_the_kv_cache(fresh_engine):
+    """Colocated placement wakes the weights for a sync while the trainer still holds its memory, and
+    the KV cache only before generating."""
+    from services.common.rpc import FailedPrecondition, InvalidArgument
+    e = fresh_engine
+    before = _outputs(e)
+    e.sleep(1)
+    with pytest.raises(InvalidArgument, match="tags: unknown .'kv'.; use .'weights', 'kv_cache'."):
+        e.wake_up(("kv",))
+    assert e.asleep == {"weights", "kv_cache"}   # the refused call changed nothing
+    e.wake_up(("weights",))
+    assert e.sleep_level == 1 and e.asleep == {"kv_cache"}
+    with pytest.raises(FailedPrecondition, match=r"call WakeUp first \(still asleep: kv_cache\)"):
+        _generate(e)
+    e.stage_weights(iter(_new_weights(e).items()), version=3)
+    assert e.commit_weights(3) == 3   # the weights are awake: a sync can land in them
+    e.wake_up(("kv_cache",))
+    assert e.sleep_level == 0 and not e.asleep
+    assert _outputs(e) != before and e.version == 3   # new weights, a rebuilt KV cache
+
+
+def test_level_2_sleep_frees_the_weights_until_a_sync_commits(fresh_engine, hf_model):
+    from services.common.rpc import FailedPrecondition
+    e = fresh_engine
+    snap, before, held = _snapshot(e), _outputs(e), _param_bytes(e)
+    e.stage_weights(iter(_new_weights(e).items()), version=4)
+    e.sleep(1)
+    e.sleep(2)   # deeper
+    assert _param_bytes(e) == 0 and held > 0 and e.sleep_level == 2
+    with pytest.raises(ValueError, match="no staged weights"):   # sleep dropped what was staged
+        e.wake_up() or e.commit_weights(4)
+    assert _param_bytes(e) == held and not e.weights_valid
+    with pytest.raises(FailedPrecondition, match="level-2 Sleep and no weight sync has committed"):
+        _generate(e)
+    e.sleep(1)   # shallower than the level-2 sleep it was in before waking: a real level-1 sleep now
+    e.wake_up()
+    e.stage_weights(iter(snap.items()), version=5)   # the sync after the sleep brings the weights
+    assert e.commit_weights(5) == 5 and e.weights_valid
+    assert [(i, ids, lps) for i, ids, lps in _outputs(e)] == before
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

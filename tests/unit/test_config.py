@@ -149,6 +149,7 @@ def test_micro_batch_size_is_refused_when_packing() -> None:
     ("overrides", "where"),
     [
         (("models.policy.gpu_memory_utilization=0.5",), "models.policy.engine=vllm"),
+        (("models.policy.enable_sleep_mode=True",), "models.policy.engine=vllm"),
         (("models.policy_trainer.packing=False", "models.policy_trainer.max_token_in_packing=512"),
          "models.policy_trainer.packing=True"),
         (("models.policy_trainer.ref_offload=True",), "models.policy_trainer.kl_coef > 0"),
@@ -189,7 +190,8 @@ def test_keys_of_the_other_trainer_backend_are_refused(backend: str, setting: st
 
 
 def test_every_applies_only_row_is_tested() -> None:
-    tested = {"models.policy.gpu_memory_utilization", "runtime_args.train_micro_batch_size",
+    tested = {"models.policy.gpu_memory_utilization", "models.policy.enable_sleep_mode",
+              "runtime_args.train_micro_batch_size",
               "models.policy_trainer.max_token_in_packing", "models.policy_trainer.ref_offload",
               "models.policy_trainer.save_hf", "runtime_args.logprob_diff_threshold",
               "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters",

@@ -239,3 +239,77 @@ def test_save_checkpoint(backend, tmp_path):
     digest = meta.pop("metadata_hmac_sha256")
     assert meta == {"step": backend.step, "backend": "fsdp", "episode": 3, "run": "unit"}
     assert len(digest) == 64 and digest == metadata_digest(str(path))
+
+
+def _held(backend) -> int:
+    """Bytes under the backend's parameter shards, gradients and optimizer state."""
+    from torch.distributed.tensor import DTensor
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in backend.state_tensors()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}.values())
+
+
+def test_offload_frees_every_shard_and_state_and_onload_restores_them_exactly(tiny_model_dir, backend):
+    """Offload/Onload (colocated placement) run the same on the CPU as on a GPU: storages are freed in place
+    and refilled, so every object FSDP and AdamW hold stays valid. A twin that never offloads takes the
+    same steps."""
+    from services.trainer.ranks import TrainerRanks
+    cfg = load_config(overrides=_overrides(tiny_model_dir, "models.policy_trainer.kl_coef=0.5"))
+    moved, twin = FSDPBackend(cfg, CPU), FSDPBackend(cfg, CPU)
+    first, second = [_mb(_seqs(seed=11))], [_mb(_seqs(seed=12, adv=-1.0))]
+    assert moved.train_step(first)["loss"] == twin.train_step(first)["loss"]
+    probe = _mb(_seqs(seed=13))
+    held = _held(moved)
+    assert held > 0 and any(moved.optimizer.state.values())
+    ranks = TrainerRanks(CPU)
+    ranks.backend = moved
+    ranks.run("offload")
+    ranks.run("offload")   # idempotent
+    assert moved.offloaded and _held(moved) == 0
+    assert all(p.to_local().untyped_storage().nbytes() == 0 for p in moved.ref.parameters())
+    # anything that needs the state brings it back first
+    assert torch.equal(ranks.run("logprobs", probe), twin.compute_logprobs(probe)) and not moved.offloaded
+    assert _held(moved) == held
+    ranks.run("offload")
+    ranks.run("onload")
+    ranks.run("onload")
+    a, b = ranks.run("train", payload=second), twin.train_step(second)
+    for key in ("loss", "grad_norm", "kl"):
+        assert a[key] == b[key], key
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(moved.full_params(), twin.full_params()))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_the_fused_lm_head_gives_the_unfused_logprobs_and_step(tiny_model_dir, backend, dtype, tol):
+    """The FSDP backend runs the LM head fused with the logprobs (never [tokens, vocab] logits); twins with
+    it on and off compute the same logprobs and take the same step (float32: to 1e-5; bf16 compute under
+    FSDP's mixed precision, whose unsharded head the fused loss reads: to 1e-2)."""
+    overrides = [o for o in _overrides(tiny_model_dir, "models.policy_trainer.entropy_coef=0.01",
+                                       "models.policy_trainer.kl_coef=0.1") if "dtype=" not in o]
+    cfg = load_config(overrides=overrides + [f"models.policy_trainer.dtype={dtype}"])
+    fused, plain = FSDPBackend(cfg, CPU), FSDPBackend(cfg, CPU)
+    assert fused.fused_head and plain.fused_head   # a Qwen3: its logits are exactly lm_head(hidden)
+    plain.fused_head = False
+    probe = _mb(_seqs(seed=21), temperature=0.8)
+    torch.testing.assert_close(fused.compute_logprobs(probe), plain.compute_logprobs(probe), atol=tol, rtol=0)
+    step = [_mb(_seqs(seed=22), temperature=0.8), _mb(_seqs(seed=23, adv=-1.0), temperature=0.8)]
+    a, b = fused.train_step(step), plain.train_step(step)
+    for key in ("loss", "pg_loss", "entropy", "kl", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=tol, abs=1e-7), key
+    for (name, x), (_, y) in zip(fused.full_params(), plain.full_params()):
+        torch.testing.assert_close(x, y, atol=tol / 10, rtol=tol, msg=name)
+
+
+def test_fused_and_foreach_adamw_take_the_same_steps(tiny_model_dir, backend):
+    from services.trainer.optim import build_optimizer
+    cfg = load_config(overrides=_overrides(tiny_model_dir))
+    fused, foreach = FSDPBackend(cfg, CPU), FSDPBackend(cfg, CPU)
+    assert fused.optimizer.defaults["fused"] and not fused.optimizer.defaults["foreach"]   # the default
+    foreach.optimizer, foreach.scheduler = build_optimizer(foreach.model.parameters(), cfg, "foreach")
+    for seed in (31, 32):
+        step = [_mb(_seqs(seed=seed, adv=1.0 if seed % 2 else -1.0))]
+        assert fused.train_step(step)["loss"] == pytest.approx(foreach.train_step(step)["loss"], rel=1e-6)
+    for (name, x), (_, y) in zip(fused.full_params(), foreach.full_params()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=name)
+    assert all(float(s["step"]) == 2 for s in fused.optimizer.state.values())
+    with pytest.raises(ValueError, match="fused"):
+        build_optimizer(fused.model.parameters(), cfg, "sgd")

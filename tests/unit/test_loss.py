@@ -324,3 +324,91 @@ def test_step_metrics_combine_sums_and_extremes():
     combine_metrics(totals, {"pg_loss": 0.25, "tis_ratio_min": math.inf, "tis_ratio_max": -math.inf}, share=0.5)
     combine_metrics(totals, {"pg_loss": 1.0, "tis_ratio_min": 0.7, "tis_ratio_max": 1.1}, share=0.5)
     assert totals == {"pg_loss": pytest.approx(0.875), "tis_ratio_min": 0.7, "tis_ratio_max": 1.2}
+# ---- the LM head fused with the logprobs --------------------------------------------------------------
+
+def _unfused(hidden, weight, bias, targets, temperature, with_entropy):
+    """The reference: the full [N, V] logits, then the chunked float32 logprobs (the trainer's old path)."""
+    from services.trainer.loss import selected_logprobs_and_entropy
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return selected_logprobs_and_entropy(logits, targets, temperature, with_entropy)
+
+
+def _leaves(dtype, bias: bool, n=11, h=6, v=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.7).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.3).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    coef = torch.randn(2, n, generator=g)   # a loss that weighs every token's logprob and entropy differently
+    return hidden, weight, b, targets, coef
+
+
+# float32: the same math, chunked; bf16: the logits are rounded to bf16 in both paths, the fused one adds
+# the weight gradient over chunks in bf16 (the unfused one in one GEMM), so gradients agree to bf16 precision
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_entropy", [True, False], ids=["entropy", "logprobs"])
+@pytest.mark.parametrize(("chunk_size", "bias", "temperature"), [(3, False, 0.7), (4, True, 1.0), (None, False, 1.6)])
+def test_fused_head_equals_the_unfused_logprobs_entropy_and_gradients(dtype, with_entropy, chunk_size, bias,
+                                                                      temperature):
+    from services.trainer.loss import fused_head_logprobs_and_entropy
+    leaves, coef = _leaves(dtype, bias)[:-1], _leaves(dtype, bias)[-1]
+    results = []
+    for fused in (True, False):
+        hidden, weight, b, targets = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None
+                                      for t in leaves]
+        if fused:
+            lp, ent = fused_head_logprobs_and_entropy(hidden, weight, targets, temperature, with_entropy, bias=b,
+                                                      chunk_size=chunk_size)
+        else:
+            lp, ent = _unfused(hidden, weight, b, targets, temperature, with_entropy)
+        loss = (coef[0] * lp).sum() + ((coef[1] * ent).sum() if with_entropy else 0)
+        loss.backward()
+        results.append((lp, ent, hidden.grad, weight.grad, b.grad if b is not None else None))
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+def test_fused_head_never_holds_the_logits_of_every_row():
+    """Every tensor made in forward and backward is at most one chunk of logits: chunk x vocab, never N x V."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from services.trainer.loss import fused_head_logprobs_and_entropy
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    hidden, weight, _, targets, coef = _leaves(torch.float32, False, n=64, h=4, v=300)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with Largest():
+        lp, ent = fused_head_logprobs_and_entropy(hidden, weight, targets, 1.0, True, chunk_size=8)
+        ((coef[0] * lp).sum() + (coef[1] * ent).sum()).backward()
+    assert Largest.numel == 8 * 300   # one chunk's logits (the weight itself is 4 x 300)
+    with Largest():
+        lp, ent = _unfused(hidden, weight, None, targets, 1.0, True)
+        ((coef[0] * lp).sum() + (coef[1] * ent).sum()).backward()
+    assert Largest.numel == 64 * 300   # the unfused path does hold them
+
+
+def test_fused_head_refuses_bad_shapes():
+    from services.trainer.loss import fused_head_logprobs_and_entropy
+    with pytest.raises(ValueError, match="expected hidden"):
+        fused_head_logprobs_and_entropy(torch.randn(4, 5), torch.randn(7, 6), torch.zeros(4, dtype=torch.long), 1.0,
+                                        False)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_head_logprobs_and_entropy(torch.randn(4, 5), torch.randn(7, 5), torch.zeros(4, dtype=torch.long), 0.0,
+                                        False)

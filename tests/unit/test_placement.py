@@ -1,6 +1,6 @@
 """Placement as a policy: the decision from the GPUs the services report, and the order in which the
-colocated hooks hand memory over around each phase. The services' sleep / offload RPCs are not in
-this tree yet (PlacementActions), so the hooks are checked through the calls they make."""
+colocated hooks hand memory over around each phase, checked through the calls they make
+(tests/integration/test_memory_handover.py runs them against the services' RPCs)."""
 from __future__ import annotations
 
 import pytest
@@ -66,7 +66,7 @@ def test_disaggregated_hooks_do_nothing():
     actions = Recorder()
     _step(Placement(actions, "test"), actions.calls)
     assert actions.calls == ["generate", "train", "sync"]
-    stand_in = Colocated(NoActions(), "shared GPU")   # until the services have the RPCs
+    stand_in = Colocated(NoActions(), "shared GPU")
     _step(stand_in, [])
     assert "no memory is handed over" in stand_in.describe()
     assert "no memory" not in Colocated(Recorder(), "shared GPU").describe()

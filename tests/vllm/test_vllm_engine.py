@@ -181,3 +181,17 @@ def test_unloadable_model_and_tp_errors_name_the_key(tmp_path):
     moe = build_tiny_model(str(tmp_path / "moe"), ["a", "b"], arch="qwen3_moe", head_dim=64)
     with pytest.raises(ValueError, match=r"models\.policy\.engine=builtin"):   # updates would not reach experts
         VLLMEngine(moe, dtype=torch.float32, device=torch.device("cpu"), max_model_len=64)
+
+
+def test_sleep_mode_is_for_gpus_and_an_engine_without_it_refuses_to_sleep(tiny_engine, tiny_dir):
+    from services.common.rpc import FailedPrecondition
+    with pytest.raises(ValueError, match=r"models\.policy\.enable_sleep_mode=True needs a GPU"):
+        VLLMEngine(tiny_dir, dtype=torch.float32, device=torch.device("cpu"), max_model_len=64, enable_sleep_mode=True)
+    with pytest.raises(FailedPrecondition, match=r"set models\.policy\.enable_sleep_mode=True"):
+        tiny_engine.sleep(1)
+    tiny_engine.wake_up()   # awake already: nothing to do
+    assert tiny_engine.sleep_level == 0 and tiny_engine.weights_valid
+    assert list(tiny_engine.generate(PROMPTS, Sampling(temperature=TEMP, max_tokens=2, seed=1), n=1))
+    report = tiny_engine.memory()   # from vLLM's worker process: no accelerator memory on the CPU
+    assert report == dict.fromkeys(["device_used_gib", "device_total_gib", "allocated_gib", "reserved_gib",
+                                    "peak_allocated_gib"], 0.0)

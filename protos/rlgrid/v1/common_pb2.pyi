@@ -149,6 +149,66 @@ class WeightSyncPlan(_message.Message):
     secret: str
     def __init__(self, group_id: _Optional[str] = ..., transport: _Optional[str] = ..., backend: _Optional[str] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., timeout_s: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
+class SharedBuffer(_message.Message):
+    __slots__ = ("sequence", "nbytes", "gpu_uuid", "error", "probe", "cuda", "host")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    nbytes: int
+    gpu_uuid: str
+    error: str
+    probe: bytes
+    cuda: CudaIpcHandle
+    host: HostShmHandle
+    def __init__(self, sequence: _Optional[int] = ..., nbytes: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., error: _Optional[str] = ..., probe: _Optional[bytes] = ..., cuda: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., host: _Optional[_Union[HostShmHandle, _Mapping]] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("mem_handle", "storage_bytes", "offset_bytes", "ref_counter", "ref_counter_offset", "event_handle", "event_sync_required")
+    MEM_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    mem_handle: bytes
+    storage_bytes: int
+    offset_bytes: int
+    ref_counter: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, mem_handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: bool = ...) -> None: ...
+
+class HostShmHandle(_message.Message):
+    __slots__ = ("manager", "filename", "storage_bytes")
+    MANAGER_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    manager: bytes
+    filename: bytes
+    storage_bytes: int
+    def __init__(self, manager: _Optional[bytes] = ..., filename: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ...) -> None: ...
+
+class MemoryReport(_message.Message):
+    __slots__ = ("device_used_gib", "device_total_gib", "allocated_gib", "reserved_gib", "peak_allocated_gib")
+    DEVICE_USED_GIB_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_GIB_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_GIB_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_GIB_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ALLOCATED_GIB_FIELD_NUMBER: _ClassVar[int]
+    device_used_gib: float
+    device_total_gib: float
+    allocated_gib: float
+    reserved_gib: float
+    peak_allocated_gib: float
+    def __init__(self, device_used_gib: _Optional[float] = ..., device_total_gib: _Optional[float] = ..., allocated_gib: _Optional[float] = ..., reserved_gib: _Optional[float] = ..., peak_allocated_gib: _Optional[float] = ...) -> None: ...
+
 class WeightSyncRequest(_message.Message):
     __slots__ = ("group_id", "version")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]

@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from rlgrid.v1 import common_pb2 as rlgrid_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlgrid/v1/rollout.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"A\n\x06Prompt\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12%\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x11.rlgrid.v1.Tensor\"m\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlgrid.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.rlgrid.v1.SamplingParams\x12\t\n\x01n\x18\x03 \x01(\x05\"\x82\x02\n\x0bRolloutInfo\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.rlgrid.v1.ParamSpec\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06run_id\x18\t \x01(\t\x12\x12\n\nsync_ranks\x18\n \x01(\x05\x12\x11\n\tgpu_uuids\x18\x0b \x03(\t\x12\x16\n\x0emax_message_mb\x18\x0c \x01(\x05\x32\xd5\x03\n\x0eRolloutService\x12\x38\n\x05Setup\x12\x17.rlgrid.v1.SetupRequest\x1a\x16.rlgrid.v1.RolloutInfo\x12;\n\x08Generate\x12\x1a.rlgrid.v1.GenerateRequest\x1a\x11.rlgrid.v1.Sample0\x01\x12@\n\x11PrepareWeightSync\x12\x19.rlgrid.v1.WeightSyncPlan\x1a\x10.rlgrid.v1.Empty\x12J\n\x0eReceiveWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12I\n\rCommitWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12>\n\x0c\x41\x62ortWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x10.rlgrid.v1.Empty\x12\x33\n\x07GetInfo\x12\x10.rlgrid.v1.Empty\x1a\x16.rlgrid.v1.RolloutInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlgrid/v1/rollout.proto\x12\trlgrid.v1\x1a\x16rlgrid/v1/common.proto\"\x1d\n\x0cSleepRequest\x12\r\n\x05level\x18\x01 \x01(\x05\"\x1d\n\rWakeUpRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\"A\n\x06Prompt\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12%\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x11.rlgrid.v1.Tensor\"m\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.rlgrid.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.rlgrid.v1.SamplingParams\x12\t\n\x01n\x18\x03 \x01(\x05\"\xae\x02\n\x0bRolloutInfo\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.rlgrid.v1.ParamSpec\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06run_id\x18\t \x01(\t\x12\x12\n\nsync_ranks\x18\n \x01(\x05\x12\x11\n\tgpu_uuids\x18\x0b \x03(\t\x12\x16\n\x0emax_message_mb\x18\x0c \x01(\x05\x12\x13\n\x0bsleep_level\x18\r \x01(\x05\x12\x15\n\rweights_valid\x18\x0e \x01(\x08\x32\xcd\x04\n\x0eRolloutService\x12\x38\n\x05Setup\x12\x17.rlgrid.v1.SetupRequest\x1a\x16.rlgrid.v1.RolloutInfo\x12;\n\x08Generate\x12\x1a.rlgrid.v1.GenerateRequest\x1a\x11.rlgrid.v1.Sample0\x01\x12@\n\x11PrepareWeightSync\x12\x19.rlgrid.v1.WeightSyncPlan\x1a\x10.rlgrid.v1.Empty\x12J\n\x0eReceiveWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12I\n\rCommitWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x1a.rlgrid.v1.WeightSyncReply\x12>\n\x0c\x41\x62ortWeights\x12\x1c.rlgrid.v1.WeightSyncRequest\x1a\x10.rlgrid.v1.Empty\x12\x39\n\x05Sleep\x12\x17.rlgrid.v1.SleepRequest\x1a\x17.rlgrid.v1.MemoryReport\x12;\n\x06WakeUp\x12\x18.rlgrid.v1.WakeUpRequest\x1a\x17.rlgrid.v1.MemoryReport\x12\x33\n\x07GetInfo\x12\x10.rlgrid.v1.Empty\x1a\x16.rlgrid.v1.RolloutInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlgrid.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROMPT']._serialized_start=62
-  _globals['_PROMPT']._serialized_end=127
-  _globals['_GENERATEREQUEST']._serialized_start=129
-  _globals['_GENERATEREQUEST']._serialized_end=238
-  _globals['_ROLLOUTINFO']._serialized_start=241
-  _globals['_ROLLOUTINFO']._serialized_end=499
-  _globals['_ROLLOUTSERVICE']._serialized_start=502
-  _globals['_ROLLOUTSERVICE']._serialized_end=971
+  _globals['_SLEEPREQUEST']._serialized_start=62
+  _globals['_SLEEPREQUEST']._serialized_end=91
+  _globals['_WAKEUPREQUEST']._serialized_start=93
+  _globals['_WAKEUPREQUEST']._serialized_end=122
+  _globals['_PROMPT']._serialized_start=124
+  _globals['_PROMPT']._serialized_end=189
+  _globals['_GENERATEREQUEST']._serialized_start=191
+  _globals['_GENERATEREQUEST']._serialized_end=300
+  _globals['_ROLLOUTINFO']._serialized_start=303
+  _globals['_ROLLOUTINFO']._serialized_end=605
+  _globals['_ROLLOUTSERVICE']._serialized_start=608
+  _globals['_ROLLOUTSERVICE']._serialized_end=1197
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SleepRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    def __init__(self, level: _Optional[int] = ...) -> None: ...
+
+class WakeUpRequest(_message.Message):
+    __slots__ = ("tags",)
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Prompt(_message.Message):
     __slots__ = ("group_id", "prompt_ids")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -26,7 +38,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., n: _Optional[int] = ...) -> None: ...
 
 class RolloutInfo(_message.Message):
-    __slots__ = ("engine", "model", "policy_version", "device", "params", "vocab_size", "eos_token_id", "dtype", "run_id", "sync_ranks", "gpu_uuids", "max_message_mb")
+    __slots__ = ("engine", "model", "policy_version", "device", "params", "vocab_size", "eos_token_id", "dtype", "run_id", "sync_ranks", "gpu_uuids", "max_message_mb", "sleep_level", "weights_valid")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +51,8 @@ class RolloutInfo(_message.Message):
     SYNC_RANKS_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_MB_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VALID_FIELD_NUMBER: _ClassVar[int]
     engine: str
     model: str
     policy_version: int
@@ -51,4 +65,6 @@ class RolloutInfo(_message.Message):
     sync_ranks: int
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     max_message_mb: int
-    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., dtype: _Optional[str] = ..., run_id: _Optional[str] = ..., sync_ranks: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ...) -> None: ...
+    sleep_level: int
+    weights_valid: bool
+    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., dtype: _Optional[str] = ..., run_id: _Optional[str] = ..., sync_ranks: _Optional[int] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ..., sleep_level: _Optional[int] = ..., weights_valid: bool = ...) -> None: ...

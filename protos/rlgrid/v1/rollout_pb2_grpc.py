@@ -65,6 +65,16 @@ class RolloutServiceStub(object):
                 request_serializer=rlgrid_dot_v1_dot_common__pb2.WeightSyncRequest.SerializeToString,
                 response_deserializer=rlgrid_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/rlgrid.v1.RolloutService/Sleep',
+                request_serializer=rlgrid_dot_v1_dot_rollout__pb2.SleepRequest.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+                _registered_method=True)
+        self.WakeUp = channel.unary_unary(
+                '/rlgrid.v1.RolloutService/WakeUp',
+                request_serializer=rlgrid_dot_v1_dot_rollout__pb2.WakeUpRequest.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/rlgrid.v1.RolloutService/GetInfo',
                 request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -117,6 +127,25 @@ class RolloutServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sleep(self, request, context):
+        """Releases memory while the trainer runs (colocated placement). Level 1: the KV cache (and CUDA
+        graphs) are dropped and the weights move to host memory; level 2: the weights are dropped too, and
+        a weight sync must commit before the replica generates again. Generate and CommitWeights are
+        refused until WakeUp; ReceiveWeights is not. Idempotent; a deeper level deepens the sleep.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeUp(self, request, context):
+        """Brings back what Sleep released, by tag: "weights" (CommitWeights needs them) and "kv_cache"
+        (Generate needs both); no tags wakes both. The built-in engine rebuilds its KV cache at the next
+        Generate; vLLM allocates it here. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -155,6 +184,16 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.AbortWeights,
                     request_deserializer=rlgrid_dot_v1_dot_common__pb2.WeightSyncRequest.FromString,
                     response_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=rlgrid_dot_v1_dot_rollout__pb2.SleepRequest.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.SerializeToString,
+            ),
+            'WakeUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeUp,
+                    request_deserializer=rlgrid_dot_v1_dot_rollout__pb2.WakeUpRequest.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -324,6 +363,60 @@ class RolloutService(object):
             '/rlgrid.v1.RolloutService/AbortWeights',
             rlgrid_dot_v1_dot_common__pb2.WeightSyncRequest.SerializeToString,
             rlgrid_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.RolloutService/Sleep',
+            rlgrid_dot_v1_dot_rollout__pb2.SleepRequest.SerializeToString,
+            rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.RolloutService/WakeUp',
+            rlgrid_dot_v1_dot_rollout__pb2.WakeUpRequest.SerializeToString,
+            rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,7 @@ class CheckpointReply(_message.Message):
     def __init__(self, path: _Optional[str] = ..., seconds: _Optional[float] = ..., step: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class TrainerInfo(_message.Message):
-    __slots__ = ("backend", "model", "step", "world_size", "device", "params", "run_id", "gpu_uuids", "max_message_mb")
+    __slots__ = ("backend", "model", "step", "world_size", "device", "params", "run_id", "gpu_uuids", "max_message_mb", "offloaded")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class TrainerInfo(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_MB_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     step: int
@@ -70,4 +71,5 @@ class TrainerInfo(_message.Message):
     run_id: str
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     max_message_mb: int
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ...) -> None: ...
+    offloaded: bool
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[_common_pb2.ParamSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., max_message_mb: _Optional[int] = ..., offloaded: bool = ...) -> None: ...

@@ -75,6 +75,16 @@ class TrainerServiceStub(object):
                 request_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.Offload = channel.unary_unary(
+                '/rlgrid.v1.TrainerService/Offload',
+                request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+                _registered_method=True)
+        self.Onload = channel.unary_unary(
+                '/rlgrid.v1.TrainerService/Onload',
+                request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/rlgrid.v1.TrainerService/GetInfo',
                 request_serializer=rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -140,6 +150,22 @@ class TrainerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Offload(self, request, context):
+        """Moves parameter shards and optimizer state to host memory while rollout runs (colocated placement;
+        needs models.policy_trainer.offload=True). Any call that needs them brings them back first.
+        Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Onload(self, request, context):
+        """Brings them back to the GPU ahead of the next call that needs them. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -188,6 +214,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ExportHF,
                     request_deserializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
                     response_serializer=rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.SerializeToString,
+            ),
+            'Offload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Offload,
+                    request_deserializer=rlgrid_dot_v1_dot_common__pb2.Empty.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.SerializeToString,
+            ),
+            'Onload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Onload,
+                    request_deserializer=rlgrid_dot_v1_dot_common__pb2.Empty.FromString,
+                    response_serializer=rlgrid_dot_v1_dot_common__pb2.MemoryReport.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -411,6 +447,60 @@ class TrainerService(object):
             '/rlgrid.v1.TrainerService/ExportHF',
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
             rlgrid_dot_v1_dot_trainer__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Offload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.TrainerService/Offload',
+            rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Onload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlgrid.v1.TrainerService/Onload',
+            rlgrid_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            rlgrid_dot_v1_dot_common__pb2.MemoryReport.FromString,
             options,
             channel_credentials,
             insecure,

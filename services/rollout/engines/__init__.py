@@ -25,5 +25,5 @@ def build_engine(cfg: RLConfig, device: torch.device | None = None) -> Engine:
                           tensor_parallel_size=p.tensor_model_parallel_size, enforce_eager=p.enforce_eager,
                           gpu_memory_utilization=p.gpu_memory_utilization, max_num_seqs=p.max_num_seqs,
                           max_model_len=p.max_prompt_tokens_length + p.max_response_tokens_length,
-                          seed=cfg.runtime_args.seed)
+                          seed=cfg.runtime_args.seed, enable_sleep_mode=p.enable_sleep_mode)
     raise ValueError(f"models.policy.engine={p.engine!r} is not available in this rollout service")

@@ -10,13 +10,14 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from services.common.memory import StorageSwap, free_cached, owned
 from services.common.models import load_causal_lm
 from services.common.weight_sync import ParamMeta, gpu_uuids
-from services.rollout.engine import Engine, EngineInfo, Generation, Sampling
+from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling
 from services.rollout.engines.static_kv import StaticKVCache, use_grouped_decode_attention
 
 log = logging.getLogger("rollout")
@@ -92,6 +93,7 @@ class BuiltinEngine(Engine):
         self._pool = None
         self._mask_values = (torch.zeros((), dtype=dtype, device=device),
                              torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))
+        self._swap: StorageSwap | None = None   # the weights' memory, released by sleep
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
@@ -101,12 +103,14 @@ class BuiltinEngine(Engine):
                 raise ValueError(f"prompts[{i}].prompt_ids is empty")
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompts[{i}].prompt_ids has token ids outside [0, {vocab})")
+        self.check_serving()
         work = [i for i in range(len(prompts)) for _ in range(n)]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(sampling.seed) if sampling.seed else generator.seed()
         for start in range(0, len(work), self.max_num_seqs):
             chunk = work[start: start + self.max_num_seqs]
             with self._lock:
+                self.check_serving()   # a Sleep may have come between two batches
                 yield from self._generate_batch([prompts[i] for i in chunk], chunk, sampling, generator)
 
     def _generate_batch(self, prompts: list[list[int]], index: list[int], s: Sampling,
@@ -323,18 +327,49 @@ class BuiltinEngine(Engine):
         self._staged, self._staged_version = staged, version
 
     def commit_weights(self, version: int) -> int:
-        if self._staged_version != version:
-            raise ValueError(f"no staged weights for version {version} (staged: {self._staged_version})")
         with self._lock:
+            self.check_awake("CommitWeights")
+            if self._staged_version != version:
+                raise ValueError(f"no staged weights for version {version} (staged: {self._staged_version})")
             # in place: captured CUDA graphs read the parameters' storage, so they see the new weights
             for name, tensor in self._staged.items():
                 self._params[name].data.copy_(tensor)
-            self._version = version
+            self._version, self.weights_valid = version, True
             self._staged, self._staged_version = {}, None
         return self._version
 
     def abort_weights(self) -> None:
         self._staged, self._staged_version = {}, None
+
+    # ---- memory -------------------------------------------------------------------------------
+    # Sleep drops the KV cache and the CUDA graphs rather than keeping them: graphs address the cache and
+    # the weights, whose memory is released, so they are captured again at the next Generate
+    # (bench/gpu_colocated.py measures what that costs against the memory it frees).
+    def sleep(self, level: int) -> None:
+        with self._lock:   # never under a decode batch or a commit
+            if level <= self.sleep_level:
+                return
+            self.abort_weights()   # staged tensors alias the transport's buffers, released here
+            if self._transport is not None:
+                self._transport.release()
+            self._slots, self._graphs, self._pool = None, {}, None
+            if self._swap is None:
+                owned(self._params.values())
+                self._swap = StorageSwap(self._params.values(), self.device)
+            if level == 2:
+                self._swap.release(keep=False)
+                self.weights_valid = False
+            elif self.device.type == "cuda":   # level 1 keeps the weights in host memory (on the CPU they are)
+                self._swap.release(keep=True)
+            self.sleep_level, self.asleep = level, frozenset(WAKE_TAGS)
+            free_cached(self.device)
+
+    def wake_up(self, tags: Sequence[str] = ()) -> None:
+        with self._lock:
+            woken = self._woken(tags)
+            if "weights" in woken and self._swap is not None:
+                self._swap.restore()
+            self._after_wake(woken)   # the KV cache (and graphs) come back at the next Generate
 
     @property
     def version(self) -> int:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from transformers import AutoConfig
 
 from rlgrid.v1 import common_pb2 as pb
 from services.common.models import ModelLoadError, hf_param_specs
+from services.common.rpc import FailedPrecondition
 from services.common.weight_sync import ParamMeta
-from services.rollout.engine import Engine, EngineInfo, Generation, Sampling
+from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling
 
 WORKER_EXTENSION = "services.rollout.engines.vllm_worker.WeightSyncExtension"
 
@@ -25,10 +26,14 @@ WORKER_EXTENSION = "services.rollout.engines.vllm_worker.WeightSyncExtension"
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, tensor_parallel_size: int = 1,
                  enforce_eager: bool = False, gpu_memory_utilization: float = 0.8, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, seed: int = 0):
+                 max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool = False):
         self.model_path, self.device, self.dtype = model_path, device, dtype
         self.tp = tensor_parallel_size
         self.enforce_eager = enforce_eager
+        self.sleep_mode = enable_sleep_mode
+        if enable_sleep_mode and device.type != "cuda":
+            raise ValueError("models.policy.enable_sleep_mode=True needs a GPU (vLLM's sleep mode is CUDA-only); "
+                             "remove it for a CPU rollout service")
         if device.type == "cuda" and (device.index or 0) != 0:
             raise ValueError(f"vLLM places its workers on the first visible GPUs, not on {device}: start this "
                              f"rollout service with CUDA_VISIBLE_DEVICES={device.index} and --device cuda:0")
@@ -58,6 +63,8 @@ class VLLMEngine(Engine):
                       gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                       max_model_len=max_model_len, skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
                       worker_extension_cls=WORKER_EXTENSION)
+        if enable_sleep_mode:   # vLLM then allocates weights and KV cache through its CuMem pool, which sleep unmaps
+            kwargs["enable_sleep_mode"] = True
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
             # TP all-reduces go through NCCL. vLLM's own custom all-reduce and FlashInfer's fused
@@ -97,6 +104,7 @@ class VLLMEngine(Engine):
                                 stop_token_ids=sorted(set(self.eos_ids) | set(sampling.stop_token_ids)),
                                 logprobs=0, seed=sampling.seed or None, detokenize=False)
         with self._lock:
+            self.check_serving()
             try:
                 outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                             use_tqdm=False)
@@ -152,13 +160,42 @@ class VLLMEngine(Engine):
 
     def commit_weights(self, version: int) -> int:
         with self._lock:
+            self.check_awake("CommitWeights")
             self.llm.collective_rpc("rlgrid_commit", args=(version,))
             self.llm.reset_prefix_cache()   # cached KV was computed with the old weights
-            self._version = version
+            self._version, self.weights_valid = version, True
         return version
 
     def abort_weights(self) -> None:
         self.llm.collective_rpc("rlgrid_abort")
+
+    # ---- memory: vLLM's sleep mode -------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        if not self.sleep_mode:
+            raise FailedPrecondition("this vLLM engine was built without sleep mode: set "
+                                     "models.policy.enable_sleep_mode=True (GPU only)")
+        with self._lock:
+            if level <= self.sleep_level:
+                return
+            if self.asleep:   # deeper: vLLM sleeps from awake only
+                self.llm.wake_up(tags=sorted(self.asleep))
+            self.llm.collective_rpc("rlgrid_release")   # the weight-sync staging, outside vLLM's pool
+            self.llm.sleep(level=level)
+            self.sleep_level, self.asleep = level, frozenset(WAKE_TAGS)
+            if level == 2:
+                self.weights_valid = False
+
+    def wake_up(self, tags: Sequence[str] = ()) -> None:
+        with self._lock:
+            woken = self._woken(tags)
+            if woken:
+                self.llm.wake_up(tags=sorted(woken))
+                if "kv_cache" in woken:
+                    self.llm.reset_prefix_cache()   # the cached blocks' KV was dropped with the cache
+            self._after_wake(woken)
+
+    def memory(self) -> dict[str, float]:
+        return self.llm.collective_rpc("rlgrid_memory")[0]   # the first worker's GPU
 
     @property
     def version(self) -> int:

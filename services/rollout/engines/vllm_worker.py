@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from rlgrid.v1 import common_pb2 as pb
 from services.common import weight_sync
+from services.common.memory import free_cached, memory_report
 
 
 def _reprocess_tied(model) -> None:
@@ -93,6 +94,17 @@ class WeightSyncExtension:
 
     def rlgrid_abort(self) -> None:
         self._rlgrid_staged = None
+
+    def rlgrid_release(self) -> None:
+        """Before vLLM sleeps: drops the staging buffer (torch's allocator, outside vLLM's sleep pool)."""
+        self._rlgrid_staged = None
+        transport = getattr(self, "_rlgrid_transport", None)
+        if transport is not None:
+            transport.release()
+        free_cached(self.device)
+
+    def rlgrid_memory(self) -> dict[str, float]:
+        return memory_report(self.device)
 
     def rlgrid_stage(self, version: int, safetensors_bytes: bytes) -> None:
         """Stages weights sent through collective_rpc itself (small updates, tests) as safetensors

@@ -2,6 +2,7 @@
 so the same code runs on one CPU process (gloo) or N GPUs (NCCL)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -29,11 +30,12 @@ from services.common.models import ModelLoadError, resolve_dtype
 from services.common.packing import position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer import attention, checkpoint
-from services.trainer.backend import TrainerBackend
+from services.trainer.backend import TrainerBackend, optimizer_state
 from services.trainer.build import KEY, build_sharded, model_kwargs
 from services.trainer.loss import (
     LossConfig,
     combine_metrics,
+    fused_head_logprobs_and_entropy,
     policy_loss,
     selected_logprobs_and_entropy,
     token_logprobs_and_entropy,
@@ -53,6 +55,27 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+# Model types whose logits are exactly lm_head(final hidden states), with no soft-capping or scaling after
+# the head: for them the LM head runs fused with the logprobs (loss.fused_head_logprobs_and_entropy).
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def head_skipped(model: torch.nn.Module):
+    """Inside, `model(...).logits` are the final hidden states at the kept positions (the LM head, yielded,
+    is skipped) for the fused loss to apply the head itself."""
+    head = model.get_output_embeddings()
+    head.forward = _identity   # an instance attribute: shadows the class's forward, nothing else changes
+    try:
+        yield head
+    finally:
+        del head.forward
 
 
 class OutOfMemoryGuidance(RuntimeError):
@@ -130,6 +153,9 @@ class FSDPBackend(TrainerBackend):
         self.loss_cfg = LossConfig.of(t)
         self._step = 0
         self._names = [n for n, _ in self.model.named_parameters()]
+        # packed rows never hold [tokens, vocab] logits (bench/trainer.py turns it off to measure the gain)
+        self.fused_head = (self.model.config.model_type in PLAIN_HEAD_MODELS
+                           and isinstance(self.model.get_output_embeddings(), torch.nn.Linear))
         if self.sp:
             self.sp.use_in(self.model, self.ref)
         elif self.flex:
@@ -166,6 +192,18 @@ class FSDPBackend(TrainerBackend):
             extra["packed"] = attention.block_mask(lens, self.device)
         pos = position_ids_for(lens).to(self.device)
         targets = mb.loss_mask.to(self.device).nonzero().squeeze(1) if only_loss else ids[:0]
+        if self.fused_head:
+            # every predicted position when not only the loss's (a zero-loss filler too: the head's weight
+            # still gets a gradient, so every rank joins FSDP's reduce-scatters)
+            targets = targets if len(targets) else (pos[:n] != 0).nonzero().squeeze(1)
+        if self.fused_head and len(targets):
+            with head_skipped(model) as head:
+                hidden = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                               logits_to_keep=targets - 1, **extra).logits[0]
+            lp, ent = fused_head_logprobs_and_entropy(hidden, head.weight, ids[targets], mb.temperature, with_entropy,
+                                                      bias=head.bias)
+            full = lambda x: ids.new_zeros(n, dtype=x.dtype).scatter(0, targets, x)  # noqa: E731
+            return full(lp), (full(ent) if ent is not None else None)
         # (a zero-loss filler runs the full head: its backward must still reach every parameter, so
         # every rank joins FSDP's gradient reduce-scatters)
         if len(targets):   # loss tokens are response tokens: their predecessor is in the same sequence
@@ -249,6 +287,17 @@ class FSDPBackend(TrainerBackend):
     def data_groups(self, world: int) -> list[int]:
         sp = self.sp.size if self.sp else 1   # an SP group of consecutive ranks shares its micro-batches
         return [rank // sp for rank in range(world)]
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        for model in (self.model, self.ref):
+            if model is None:
+                continue
+            for unit in model.modules():   # nothing stays gathered (the root keeps its parameters after forward)
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+            for p in model.parameters():   # a shard's local tensor views FSDP's own padded storage
+                yield from (t for t in (p, p.grad) if t is not None)
+        yield from optimizer_state(self.optimizer)
 
     def param_specs(self) -> list[ParamMeta]:
         return [ParamMeta(n, self.compute_dtype, tuple(p.shape)) for n, p in self.model.named_parameters()]

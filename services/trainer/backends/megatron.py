@@ -26,7 +26,7 @@ from services.common.models import ModelLoadError, has_weights, hf_param_specs, 
 from services.common.packing import cu_seqlens_for, position_ids_for
 from services.common.weight_sync import ParamMeta
 from services.trainer import checkpoint
-from services.trainer.backend import TrainerBackend
+from services.trainer.backend import TrainerBackend, optimizer_state
 from services.trainer.backends.fsdp import OutOfMemoryGuidance, init_distributed
 from services.trainer.convert import hf_io, mcore_io
 from services.trainer.convert.shards import Dims, UnsupportedModel, model_items
@@ -296,6 +296,12 @@ class MegatronBackend(TrainerBackend):
 
     def data_groups(self, world: int) -> list[int]:
         return self.layout.data_parallel_ranks()
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        for model in (self.model, self.ref):
+            for p in model.parameters() if model is not None else ():
+                yield from (t for t in (p, p.grad) if t is not None)
+        yield from optimizer_state(self.optimizer)
 
     def param_specs(self) -> list[ParamMeta]:
         return list(self._specs)

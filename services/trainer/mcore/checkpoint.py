@@ -61,11 +61,13 @@ class Views:
     def optim(self, optimizer: torch.optim.Optimizer) -> dict:
         """AdamW's state per slot (created empty for parameters that have not stepped yet)."""
         out = {}
+        # fused (and capturable) AdamW keeps `step` beside the parameter, torch's others on the host
+        beside = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
         for name, slot in self.table.items():
             state = optimizer.state[slot.param]
             if not state:
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(slot.param),
-                             exp_avg_sq=torch.zeros_like(slot.param))
+                step = torch.zeros((), dtype=torch.float32, device=slot.param.device if beside else "cpu")
+                state.update(step=step, exp_avg=torch.zeros_like(slot.param), exp_avg_sq=torch.zeros_like(slot.param))
             out[name] = {k: self.view(slot, slot.of(state[k])) for k in _STATE}
             out[name]["step"] = state["step"]
         return out
