@@ -77,6 +77,8 @@ class RuntimeArgs:
     weight_sync_bucket_mb: int = 64  # size of one weight-sync transfer bucket (MiB)
     step_retries: int = 1  # how often a failed rollout is retried on other replicas
     resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
+    trainer_restarts: int = 0  # times a run that lost its trainer resumes from its last checkpoint (0 = it fails)
+    trainer_restart_wait_s: float = 600.0  # how long it waits for a trainer to register again, per restart
     rpc_timeout_s: RpcTimeouts = field(default_factory=RpcTimeouts)  # deadlines of the calls between services
 
 
@@ -244,6 +246,8 @@ _RANGES: list[_Check] = [
     ("runtime_args.agreement_samples", lambda v: v >= 0, ">= 0"),
     ("runtime_args.save_episode_interval", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("runtime_args.step_retries", lambda v: v >= 0, ">= 0"),
+    ("runtime_args.trainer_restarts", lambda v: v >= 0, ">= 0 (0 = a run that loses its trainer fails)"),
+    ("runtime_args.trainer_restart_wait_s", lambda v: 0 < v <= 86400, "0 < seconds <= 86400 (a day)"),
     ("runtime_args.logprob_diff_threshold", lambda v: v > 0, "> 0"),
     _one_of("models.policy.engine", ENGINES),
     _one_of("models.policy.dtype", ROLLOUT_DTYPES),
@@ -315,6 +319,8 @@ APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
      "with models.policy_trainer.kl_coef > 0 (only the KL term uses a reference model)"),
     ("models.policy_trainer.save_hf", lambda c: c.runtime_args.save_episode_interval > 0,
      "with runtime_args.save_episode_interval > 0 (the HF directory is written into each checkpoint)"),
+    ("runtime_args.trainer_restart_wait_s", lambda c: c.runtime_args.trainer_restarts > 0,
+     "with runtime_args.trainer_restarts > 0 (0: a run that loses its trainer fails at once)"),
     ("runtime_args.logprob_diff_threshold", lambda c: c.runtime_args.agreement_samples > 0,
      "with runtime_args.agreement_samples > 0 (0 turns the agreement check off)"),
     *[(f"models.policy_trainer.optimizer.{k}",

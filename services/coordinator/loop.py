@@ -1,6 +1,6 @@
 """The GRPO loop, start to end of a run. Every step is one call into a named module; retries and
-deadlines (clients.py), persistence (runs.py), reward time limits (reward_pool.py) and metrics
-(steps.py) live beside it."""
+deadlines (clients.py), replicas joining and leaving (membership.py), restarts (recovery.py),
+persistence (runs.py), reward time limits (reward_pool.py) and metrics (steps.py) live beside it."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from services.common.config import RLConfig
 from services.coordinator.advantages import group_normalized_advantages
 from services.coordinator.clients import RolloutPool, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
+from services.coordinator.membership import Membership
 from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import Run
 from services.coordinator.steps import (
@@ -33,6 +34,7 @@ class RunContext:
     tokenizer: object
     trainer: TrainerClient
     rollouts: RolloutPool
+    membership: Membership
     sync: WeightSync
     reward: RewardPool
 
@@ -71,9 +73,10 @@ def run_grpo(ctx: RunContext) -> None:
             train = [ctx.trainer.train(mbs) for mbs in optimizer_steps(to_sequences(samples, advantages), cfg, step)]
         version += len(train)
         with timer("sync"):
+            ctx.membership.admit()              # replicas set up since the last step join: they get these weights
             synced = ctx.sync.sync(version)
         run.record_step(step, step_metrics(samples, rewards, reward_timeouts, train, agreement, synced, timer,
-                                           ctx.rollouts.discarded))
+                                           ctx.rollouts.counters()))
         if ra.save_episode_interval and step % ra.save_episode_interval == 0:
             checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")
             ctx.trainer.save_checkpoint(checkpoint, step, sampler.position)

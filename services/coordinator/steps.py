@@ -127,7 +127,8 @@ class Timer:
 
 
 def step_metrics(samples: list[GenSample], rewards: torch.Tensor, reward_timeouts: int, train: list[dict[str, float]],
-                 agreement: float, sync: dict[str, float], timer: Timer, discarded: int) -> dict[str, float]:
+                 agreement: float, sync: dict[str, float], timer: Timer, pool: dict[str, float]) -> dict[str, float]:
+    """`pool`: the rollout pool's run totals (RolloutPool.counters)."""
     lengths = [len(s.response_ids) for s in samples]
     merged: dict[str, float] = {}
     for m in train:   # sums over optimizer steps for counters, means for the rest
@@ -141,7 +142,7 @@ def step_metrics(samples: list[GenSample], rewards: torch.Tensor, reward_timeout
             "response_length/mean": statistics.fmean(lengths), "response_length/max": float(max(lengths)),
             "response/truncated_frac": sum(s.finish_reason == pb.LENGTH for s in samples) / len(samples),
             "rollout/policy_version": float(min(s.version for s in samples)),
-            "rollout/replicas": float(len({s.replica for s in samples})),
-            "rollout/discarded_samples_total": float(discarded),   # cut short by a failed replica, regenerated
+            "rollout/replicas": float(len({s.replica for s in samples})),   # replicas that generated this step
+            "rollout/samples": float(len(samples)), **pool,
             "rollout/tokens_per_s": sum(lengths) / max(timer.seconds.get("time/rollout", 0.0), 1e-9),
             "agreement/max_abs_diff": agreement, **means, **sync, **timer.seconds, "time/step": total}

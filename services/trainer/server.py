@@ -16,7 +16,7 @@ from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import trainer_pb2 as tpb
 from rlgrid.v1 import trainer_pb2_grpc
-from services.common import batches, weight_sync
+from services.common import batches, faults, weight_sync
 from services.common.config import RLConfig, load_config
 from services.common.logs import setup_logging
 from services.common.paths import Roots, add_root_args, roots_from_args
@@ -124,6 +124,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 sum(int(mb.loss_mask.sum()) for mb in micro_batches) != micro_batches[0].num_global_tokens:
             raise InvalidArgument("num_global_tokens must be the same in every micro-batch and equal the step's loss "
                                   "tokens (the loss is a mean over the optimizer step's tokens)")
+        faults.point("train")
         with self._lock:
             try:
                 metrics = self.ranks.run("train", payload=micro_batches)
@@ -136,6 +137,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         backend, _, limits = self._set_up()
         batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
         limits.check(batch, for_training=False)
+        faults.point("logprobs")
         with self._lock:
             return tpb.LogProbs(logprobs=to_wire(self.ranks.run("logprobs", batch)))
 
@@ -173,6 +175,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if transport is None or transport.plan.group_id != request.group_id:
             raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
                                      f"call PrepareWeightSync first")
+        faults.point("send")
         with self._lock:
             start = time.perf_counter()
             sent = self.ranks.run("send_weights")
@@ -185,6 +188,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         extra = json.loads(request.extra_json) if request.extra_json else {}
         if not isinstance(extra, dict):
             raise InvalidArgument("extra_json must be a JSON object (the coordinator's state to restore with it)")
+        faults.point("save")
         with self._lock:
             start = time.perf_counter()
             self.ranks.run("save", path, extra)
