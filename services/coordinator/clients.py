@@ -137,7 +137,7 @@ class RolloutPool:
         """`replica` (set up for this run) takes part from the next weight sync on."""
         self.replicas = [*self.replicas, replica]
         self.joined += 1
-        self.report(f"rollout replica joined: {replica.address}{note}; {len(self.replicas)} in the run")
+        self._event(f"rollout replica joined: {replica.address}{note}; {len(self.replicas)} in the run")
 
     def drop(self, failures: dict[Rollout, str]) -> None:
         """Removes replicas from the run, each with why; the weight sync then rebuilds its group."""
@@ -149,7 +149,12 @@ class RolloutPool:
         self.replicas = [r for r in self.replicas if r not in failures]
         for r in gone:
             self.left += 1
-            self.report(f"rollout replica left: {r.address}: {failures[r]}; {len(self.replicas)} in the run")
+            self._event(f"rollout replica left: {r.address}: {failures[r]}; {len(self.replicas)} in the run")
+
+    def _event(self, message: str) -> None:
+        """A join or leave: to the run's events (WatchRun) and the coordinator's log."""
+        log.info("%s", message)
+        self.report(message)
 
     def counters(self) -> dict[str, float]:
         """Run totals for the step metrics."""

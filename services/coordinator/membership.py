@@ -83,9 +83,12 @@ class Membership:
     # ---- internals ------------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            for worker in self.workers.alive(cpb.ROLLOUT):
-                if self._eligible(worker.address):
-                    threading.Thread(target=self._join, args=(worker.address,), name="join", daemon=True).start()
+            try:
+                for worker in self.workers.alive(cpb.ROLLOUT):
+                    if self._eligible(worker.address):
+                        threading.Thread(target=self._join, args=(worker.address,), name="join", daemon=True).start()
+            except Exception:  # noqa: BLE001 - the watcher outlives a bad pass; the next one tries again
+                log.exception("membership watcher")
 
     def _eligible(self, address: str) -> bool:
         """Not in the run, not being set up; if it left or failed, registered again since."""
@@ -104,6 +107,7 @@ class Membership:
             return True
 
     def _join(self, address: str) -> None:
+        log.info("rollout replica %s registered: setting it up to join the run", address)
         start = time.monotonic()
         secret = self.workers.secret(address)
         replica = self.pool.connect(address, secret)
@@ -116,6 +120,7 @@ class Membership:
                 self._failed_at[address] = time.monotonic()
         if problem is not None and not self._stop.is_set():
             self.pool.report(f"rollout replica {address} could not join the run: {problem}")
+        log.info("rollout replica %s: %s", address, problem or "set up, joins at the next step boundary")
 
     def _set_up(self, replica: Rollout) -> str | None:
         """GetInfo, Setup with the run's config, the model checked; None when it can serve the run."""

@@ -64,6 +64,13 @@ def resume_point(run: Run, started_from: str) -> tuple[str, int]:
     return (path, checkpoint_episode(path)) if path else ("", 0)
 
 
+def redone_steps(episode: int, step: int) -> str:
+    """What a rollback from `step` to `episode` redoes, as an event says it."""
+    if step <= episode:
+        return ""
+    return f"; step {step} is redone" if step == episode + 1 else f"; steps {episode + 1}-{step} are redone"
+
+
 def trainer_lost(trainer: TrainerClient, run_id: str) -> str | None:
     """Why the trainer no longer serves this run (it does not answer, or answers for no run: it
     restarted), or None when it still does (the failure was something else)."""
@@ -96,7 +103,7 @@ class TrainerRecovery:
         ra = self.cfg.runtime_args
         checkpoint, episode = resume_point(self.run, self.started_from)
         ra.resume_from = checkpoint
-        redone = f"; steps {episode + 1}-{self.run.step} are redone" if self.run.step > episode else ""
+        redone = redone_steps(episode, self.run.step)
         self.run.rollback(episode, f"trainer lost: {why}. The run resumes from {checkpoint or 'its start'} (episode "
                                    f"{episode}){redone} once a trainer registers (waiting up to "
                                    f"runtime_args.trainer_restart_wait_s={ra.trainer_restart_wait_s:g} s; "

@@ -40,7 +40,7 @@ from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.confine import DEFAULT_CONFIG_DIR, RunRoots, confine_run, read_config
 from services.coordinator.loop import RunContext, run_grpo
 from services.coordinator.membership import Membership
-from services.coordinator.recovery import TrainerRecovery, resume_point
+from services.coordinator.recovery import TrainerRecovery, redone_steps, resume_point
 from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
 from services.coordinator.sync import WeightSync
@@ -76,7 +76,8 @@ class Scheduler:
         cfg.runtime_args.resume_from = checkpoint
         run.pause_requested = run.state == cpb.PAUSED
         run.rollback(episode, f"the coordinator restarted: the run resumes from {checkpoint or 'its start'} "
-                              f"(episode {episode}) once a trainer and a rollout replica are registered")
+                              f"(episode {episode}){redone_steps(episode, run.step)} once a trainer and a rollout "
+                              f"replica are registered")
         run.set_state(cpb.PENDING, "waiting for workers")
         self.submit(run, cfg, tokenizer)
 

@@ -1,11 +1,11 @@
 """Weight sync, coordinator side: builds the group (one plan per member) and runs the two-phase
 update: trainer SendWeights + every replica ReceiveWeights concurrently, then Commit on all, or
-Abort on all if the trainer's send failed (replicas keep serving the old version).
+Abort on all if any of them failed (replicas keep serving the old version).
 
 The group is rebuilt whenever the pool's replicas changed (one joined or left) or a sync failed. A
-replica that fails any call of a sync (it died, hung, restarted, lost its link) leaves the run and the
-sync goes on without it: a replica that misses the new weights never generates again in this run
-(it may rejoin, membership.py). A trainer that fails fails the sync."""
+replica that fails a sync (it died, hung, restarted, lost its link) leaves the run and the sync is
+retried without it; one whose commit fails leaves too. A replica that misses new weights never
+generates again in this run (it may rejoin: membership.py). A trainer that fails fails the sync."""
 from __future__ import annotations
 
 import functools
@@ -55,9 +55,11 @@ class WeightSync:
 
     def sync(self, version: int) -> dict[str, float]:
         """Every replica left in the pool serves `version` afterwards, or (on error) its old version.
-        Replicas that fail leave the pool and the sync is retried without them; a trainer that does not
-        answer raises. Retried once more when nobody can be blamed (a collective broken in passing)."""
-        blameless_retry = True
+        After a failed attempt, replicas that do not answer (or restarted) leave the pool and the sync is
+        retried without them: a failure in a collective echoes to every member, so blame goes first to
+        whoever is unreachable. With nobody unreachable, the sync is retried once as it was; after that,
+        replicas whose own calls failed leave. A trainer that does not answer raises at once."""
+        retried = False
         while True:
             if not self.rollouts.replicas:
                 raise StepError(f"weight sync to version {version}: no rollout replica is left in the run")
@@ -68,12 +70,13 @@ class WeightSync:
                 if exc.trainer is not None and not self._trainer_serves():
                     raise   # the trainer's own failure, not the echo of a replica's
                 lost = self.rollouts.unhealthy()
-                if exc.trainer is None:     # the trainer sent: replicas that failed did so on their own
-                    lost.update({r: why for r, why in exc.replicas.items() if r not in lost})
-                if not lost and not blameless_retry:
+                if not lost and not retried:
+                    retried = True
+                    continue
+                if not lost and (exc.trainer is not None or not exc.replicas):
                     raise
-                blameless_retry = blameless_retry and bool(lost)
-                self.rollouts.drop(lost)
+                # the call each one failed in the sync says more than the probe that found it gone
+                self.rollouts.drop({r: exc.replicas.get(r, why) for r, why in lost.items()} if lost else exc.replicas)
 
     def _trainer_serves(self) -> bool:
         """Whether the trainer answers, set up for this run (not restarted)."""
@@ -138,29 +141,27 @@ class WeightSync:
             [(self.trainer, functools.partial(self.trainer.call, "SendWeights", request, "weight_sync")),
              *[(r, functools.partial(r.call, "ReceiveWeights", request, "weight_sync")) for r in replicas]])
         failed = {r: str(e) for r, e in errors.items() if r is not self.trainer}
-        if self.trainer in errors:
+        if errors:   # the new weights are committed only where every member received them
             for r in replicas:
                 try:
                     r.call("AbortWeights", request)
                 except StepError:   # the replica may be the one that died
                     pass
-            raise SyncFailed(f"weight sync to version {version} failed; replicas keep their old version: "
-                             f"{errors[self.trainer]}", str(errors[self.trainer]), failed)
-        # The trainer sent everything: replicas that received it all commit, those that did not leave.
-        self.rollouts.drop(failed)
+            first = errors.get(self.trainer) or next(iter(errors.values()))
+            raise SyncFailed(f"weight sync to version {version} failed; replicas keep their old version: {first}",
+                             str(errors[self.trainer]) if self.trainer in errors else None, failed)
         commit_start = time.perf_counter()
-        received = [r for r in replicas if r in results]
         commits, commit_errors = concurrently(
-            [(r, functools.partial(r.call, "CommitWeights", request, "weight_sync")) for r in received])
+            [(r, functools.partial(r.call, "CommitWeights", request, "weight_sync")) for r in replicas])
         wrong = {r: f"committed version {c.version} instead of {version}" for r, c in commits.items()
                  if c.version != version}
         self.rollouts.drop({**{r: str(e) for r, e in commit_errors.items()}, **wrong})
-        serving = [r for r in received if r in commits and r not in wrong]
-        if not serving:
+        serving = [r for r in replicas if r in commits and r not in wrong]
+        if not serving:   # a commit is each replica's own: those that failed have left
             raise StepError(f"weight sync to version {version}: no replica committed it: "
-                            f"{next(iter({**failed, **commit_errors}.values()), 'no replica received it')}")
+                            f"{next(iter(commit_errors.values()), 'every replica committed another version')}")
         end = time.perf_counter()
         send = results[self.trainer]
         return {"sync/seconds": end - start, "sync/bytes": float(send.bytes), "sync/send_seconds": send.seconds,
-                "sync/receive_seconds": max(results[r].seconds for r in received),
+                "sync/receive_seconds": max(results[r].seconds for r in replicas),
                 "sync/commit_seconds": end - commit_start, "sync/replicas": float(len(serving))}
