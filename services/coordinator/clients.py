@@ -167,10 +167,6 @@ class RolloutPool:
             futures = [pool.submit(r.call, method, request, key) for r in self.replicas]
             return [f.result() for f in futures]
 
-    def handshake(self) -> list:
-        with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
-            return list(pool.map(Rollout.handshake, self.replicas))
-
     def unhealthy(self) -> dict[Rollout, str]:
         """Replicas that do not answer GetInfo within runtime_args.rpc_timeout_s.control, or that answer
         for another run than this one (they restarted), each with why."""

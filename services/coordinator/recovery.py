@@ -95,8 +95,10 @@ class TrainerRecovery:
         """After `failure`: the address of a trainer to resume on, with cfg.runtime_args.resume_from set
         to the checkpoint to resume from and the run rolled back to it. Re-raises `failure` when the
         trainer still serves the run (the failure was not its loss) or no restart is left."""
+        if self.left <= 0:
+            raise failure
         why = trainer_lost(trainer, self.run.run_id)
-        if why is None or self.left <= 0:
+        if why is None:
             raise failure
         self.left -= 1
         lost_at = time.monotonic()
