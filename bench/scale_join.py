@@ -109,6 +109,7 @@ def main() -> None:
     overrides += args.set
     cluster = LocalCluster(os.path.join(work, "logs"), roots=[work])
     phases, joins = [], []
+    load_before = os.getloadavg()   # other work on the machine shows here
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)
@@ -158,7 +159,9 @@ def main() -> None:
         j["steady_sync_seconds_after"] = steady_sync.get(j["replica"])
     write_result(args.out or (os.path.join(os.environ["OUT"], "scale_join.json") if os.environ.get("OUT") else None), {
         "benchmark": "scale_join", "device": args.device, "shape": args.shape, "samples_per_step": args.samples,
-        "machine": machine(), "command": " ".join(["python"] + sys.argv), "phases": rows, "joins": joins})
+        "machine": machine(), "command": " ".join(["python"] + sys.argv),
+        "load_average_1_5_15_before_after": [list(load_before), list(os.getloadavg())], "phases": rows,
+        "joins": joins})
     print(f"\n{'replicas':>8} {'rollout s':>10} {'samples/s':>10} {'per replica':>12} {'step s':>8} {'sync s':>8}")
     for r in rows:
         print(f"{r['replicas']:>8} {r['median_rollout_seconds']:>10.3f} {r['median_samples_per_s']:>10.1f} "
