@@ -3,6 +3,8 @@
     python requirements.py project-deps pyproject.toml   # [project.dependencies] minus torch & co.
     python requirements.py project-extra pyproject.toml megatron   # one optional-dependency group, minus torch
     python requirements.py torch-constraints             # the installed torch stack, pinned
+    python requirements.py torch cuda|cpu pyproject.toml [INDEX]   # the image's torch (below)
+    python requirements.py torch cuda|cpu pyproject.toml --check   # ... is what the image needs
 
 pyproject.toml pins torch==2.13.0 (the CPU build dev machines install); the GPU image brings
 its own torch, so the project is installed with `pip install --no-deps` and its other
@@ -13,6 +15,7 @@ silently swapping the image's torch.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 
 # Provided by the base image; never installed from pyproject.
@@ -56,6 +59,42 @@ def torch_constraints() -> list[str]:
     return pins
 
 
+def torch_pin(pyproject_path: str) -> str:
+    """pyproject's torch requirement (torch==X)."""
+    import tomllib
+
+    with open(pyproject_path, "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    pins = [d.replace(" ", "") for d in deps if _name(d) == "torch"]
+    if len(pins) != 1 or not re.fullmatch(r"torch==[\w.+]+", pins[0]):
+        raise SystemExit(f"pyproject.toml must pin torch exactly once (torch==X), found {pins}")
+    return pins[0]
+
+
+def torch_install(device: str, pyproject_path: str, index: str = "") -> list[str] | None:
+    """The pip command that gives a `device` image its torch, or None: a GPU image runs the CUDA torch
+    its base image brings; a CPU image installs pyproject's pin (from `index` when given)."""
+    if device == "cuda":
+        return None
+    if device != "cpu":
+        raise SystemExit(f"DEVICE must be cuda or cpu, got {device!r}")
+    return [sys.executable, "-m", "pip", "install", *(["--index-url", index] if index else []),
+            torch_pin(pyproject_path)]
+
+
+def check_torch(device: str, pyproject_path: str) -> str:
+    """Raises SystemExit unless the installed torch is what a `device` image needs; returns its version."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("torch is not installed in this image") from None
+    if device == "cuda" and not torch.version.cuda:
+        raise SystemExit("BASE_IMAGE has a CPU-only torch: a GPU image needs a PyTorch CUDA base image")
+    if device == "cpu" and torch.__version__.split("+")[0] != torch_pin(pyproject_path).split("==")[1]:
+        raise SystemExit(f"the CPU image has torch {torch.__version__}, pyproject pins {torch_pin(pyproject_path)}")
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) for {device} images"
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["project-deps"] and len(argv) == 2:
         lines = project_deps(argv[1])
@@ -63,6 +102,13 @@ def main(argv: list[str]) -> None:
         lines = project_extra(argv[1], argv[2])
     elif argv == ["torch-constraints"]:
         lines = torch_constraints()
+    elif argv[:1] == ["torch"] and len(argv) in (3, 4):
+        device, pyproject = argv[1], argv[2]
+        command = None if argv[3:] == ["--check"] else torch_install(device, pyproject, *argv[3:])
+        if command:
+            print(" ".join(command), flush=True)
+            subprocess.run(command, check=True)
+        lines = [check_torch(device, pyproject)]
     else:
         raise SystemExit(__doc__)
     print("\n".join(lines))

@@ -85,6 +85,8 @@ class RuntimeArgs:
     resume_from: str = ""  # a checkpoint-<episode> directory of an earlier run to continue from ("" = fresh)
     placement: str = "auto"  # colocated (take turns on shared GPUs), disaggregated, or auto (from the services' GPUs)
     off_policy_steps: int = 0  # rollout runs up to N steps ahead of training (0 = synchronous; N > 0: disaggregated)
+    trainer_restarts: int = 0  # times a run that lost its trainer resumes from its last checkpoint (0 = it fails)
+    trainer_restart_wait_s: float = 600.0  # how long it waits for a trainer to register again, per restart
     rpc_timeout_s: RpcTimeouts = field(default_factory=RpcTimeouts)  # deadlines of the calls between services
 
 
@@ -261,6 +263,8 @@ _RANGES: list[_Check] = [
     ("runtime_args.step_retries", lambda v: v >= 0, ">= 0"),
     _one_of("runtime_args.placement", PLACEMENTS),
     ("runtime_args.off_policy_steps", lambda v: v >= 0, ">= 0 (0 = synchronous)"),
+    ("runtime_args.trainer_restarts", lambda v: v >= 0, ">= 0 (0 = a run that loses its trainer fails)"),
+    ("runtime_args.trainer_restart_wait_s", lambda v: 0 < v <= 86400, "0 < seconds <= 86400 (a day)"),
     ("runtime_args.logprob_diff_threshold", lambda v: v > 0, "> 0"),
     _one_of("models.policy.engine", ENGINES),
     _one_of("models.policy.dtype", ROLLOUT_DTYPES),
@@ -339,6 +343,8 @@ APPLIES_ONLY: list[tuple[str, Callable[[RLConfig], bool], str]] = [
      "with models.policy_trainer.kl_coef > 0 (only the KL term uses a reference model)"),
     ("models.policy_trainer.save_hf", lambda c: c.runtime_args.save_episode_interval > 0,
      "with runtime_args.save_episode_interval > 0 (the HF directory is written into each checkpoint)"),
+    ("runtime_args.trainer_restart_wait_s", lambda c: c.runtime_args.trainer_restarts > 0,
+     "with runtime_args.trainer_restarts > 0 (0: a run that loses its trainer fails at once)"),
     ("runtime_args.logprob_diff_threshold", lambda c: c.runtime_args.agreement_samples > 0,
      "with runtime_args.agreement_samples > 0 (0 turns the agreement check off)"),
     *[(f"models.policy_trainer.optimizer.{k}",

@@ -72,9 +72,20 @@ def add_limit_args(parser) -> None:
                              "RESOURCE_EXHAUSTED")
 
 
+# A channel reconnects after a failure at most this long after the last try (gRPC's default is 120 s),
+# so a service that restarts is reachable again within seconds: a worker re-registers with a restarted
+# coordinator, and the coordinator reaches a restarted worker.
+MAX_RECONNECT_BACKOFF_MS = 5000
+
+
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
     limit = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            # each channel its own connections: a new channel to a restarted service must not inherit the
+            # reconnect backoff of an old channel's connection to the process that died (gRPC shares
+            # connections between channels of one target by default)
+            ("grpc.use_local_subchannel_pool", 1)]
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:

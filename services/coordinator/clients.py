@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -108,43 +109,95 @@ class Rollout(Worker):
 
 
 class RolloutPool:
-    """Every registered rollout replica; prompts are spread evenly across them. One Generate call asks
-    for at most `max_sequences` samples (runtime_args.sample_per_episode, the bound replicas enforce)."""
+    """The rollout replicas a run uses now; prompts are spread evenly across them. One Generate call asks
+    for at most `max_sequences` samples (runtime_args.sample_per_episode, the bound replicas enforce).
+
+    Replicas leave through `drop` (a call to them failed: they died, hung, restarted or lost their link)
+    and join through `add` (membership.Membership decides who, at step boundaries); both are reported
+    to the run, so WatchRun shows them."""
 
     def __init__(self, addresses: list[str], *, max_message_mb: int, retries: int, timeouts: RpcTimeouts,
                  max_sequences: int, report: Callable[[str], None] = log.warning,
-                 secrets: dict[str, str] | None = None):
-        """`secrets`: each replica's worker secret (from its registration), sent with every call."""
-        if not addresses:
-            raise StepError("no rollout service is registered; start one with --coordinator pointing here")
-        self.replicas = [Rollout(a, max_message_mb=max_message_mb, timeouts=timeouts, secret=(secrets or {}).get(a, ""))
-                         for a in addresses]
+                 secrets: dict[str, str] | None = None, run_id: str = ""):
+        """`secrets`: each replica's worker secret (from its registration), sent with every call.
+        `run_id`: the run the replicas are set up for; a replica that answers for another (it restarted)
+        counts as lost. "" checks nothing."""
+        self.limits = dict(max_message_mb=max_message_mb, timeouts=timeouts)
+        self.replicas = [self.connect(a, (secrets or {}).get(a, "")) for a in addresses]
         self.retries, self.timeouts, self.max_sequences = retries, timeouts, max_sequences
-        self.report = report
+        self.report, self.run_id = report, run_id
         self.discarded = 0   # samples of groups cut short by a failed replica (reported, then regenerated)
+        self.joined = self.left = 0
+        self.left_at: dict[str, float] = {}   # address -> time.monotonic() it was dropped
+
+    def connect(self, address: str, secret: str = "") -> Rollout:
+        return Rollout(address, **self.limits, secret=secret)
+
+    def add(self, replica: Rollout, note: str = "") -> None:
+        """`replica` (set up for this run) takes part from the next weight sync on."""
+        self.replicas = [*self.replicas, replica]
+        self.joined += 1
+        self._event(f"rollout replica joined: {replica.address}{note}; {len(self.replicas)} in the run")
+
+    def drop(self, failures: dict[Rollout, str]) -> None:
+        """Removes replicas from the run, each with why; the weight sync then rebuilds its group."""
+        gone = [r for r in self.replicas if r in failures]
+        if not gone:
+            return
+        for r in gone:   # before they leave the list: membership then never sees them as new
+            self.left_at[r.address] = time.monotonic()
+        self.replicas = [r for r in self.replicas if r not in failures]
+        for r in gone:
+            self.left += 1
+            self._event(f"rollout replica left: {r.address}: {failures[r]}; {len(self.replicas)} in the run")
+
+    def _event(self, message: str) -> None:
+        """A join or leave: to the run's events (WatchRun) and the coordinator's log."""
+        log.info("%s", message)
+        self.report(message)
+
+    def counters(self) -> dict[str, float]:
+        """Run totals for the step metrics."""
+        return {"rollout/discarded_samples_total": float(self.discarded),   # cut short by a failed replica
+                "rollout/joined_total": float(self.joined), "rollout/left_total": float(self.left)}
 
     def call_all(self, method: str, request, key: str = "control") -> list:
         """Calls `method` on every replica concurrently; raises the first failure after all return."""
-        with ThreadPoolExecutor(len(self.replicas)) as pool:
+        with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
             futures = [pool.submit(r.call, method, request, key) for r in self.replicas]
             return [f.result() for f in futures]
 
-    def handshake(self) -> list:
-        with ThreadPoolExecutor(len(self.replicas)) as pool:
-            return list(pool.map(Rollout.handshake, self.replicas))
+    def unhealthy(self) -> dict[Rollout, str]:
+        """Replicas that do not answer GetInfo within runtime_args.rpc_timeout_s.control, or that answer
+        for another run than this one (they restarted), each with why."""
+        def probe(r: Rollout) -> str | None:
+            try:
+                info = r.call("GetInfo", pb.Empty())
+            except StepError as exc:
+                return str(exc)
+            if self.run_id and info.run_id != self.run_id:
+                return f"{r.name} is no longer set up for this run (it restarted)"
+            return None
+        with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
+            found = dict(zip(self.replicas, pool.map(probe, self.replicas)))
+        return {r: why for r, why in found.items() if why is not None}
 
     def generate(self, prompts: list[list[int]], sampling: pb.SamplingParams, n: int, tag: str) -> list[GenSample]:
         """n samples for every prompt, grouped by prompt; a replica that fails mid-stream (or misses
-        its deadline) has its unfinished groups regenerated on the others (up to `retries` times)."""
+        its deadline) leaves the run and its unfinished groups are regenerated on the others (up to
+        `retries` times). Groups it cut short are discarded whole (counted), never trained on."""
         done: dict[int, list[GenSample]] = {}
         todo = list(range(len(prompts)))
-        healthy = list(self.replicas)
+        failed: list[str] = []
         for attempt in range(self.retries + 1):
+            healthy = list(self.replicas)
+            if not healthy:
+                break
             shards = [todo[i::len(healthy)] for i in range(len(healthy))]
             with ThreadPoolExecutor(len(healthy)) as pool:
                 futures = {pool.submit(self._generate_on, r, shard, prompts, sampling, n, tag): r
                            for r, shard in zip(healthy, shards) if shard}
-                failed = []
+                dead: dict[Rollout, str] = {}
                 for fut, replica in futures.items():
                     groups, error = fut.result()
                     for g, samples in groups.items():
@@ -155,33 +208,15 @@ class RolloutPool:
                     if error is not None:
                         self.report(f"{error}; " + ("retrying its prompts elsewhere" if attempt < self.retries
                                                     else "no retries left"))
-                        failed.append((replica, error))
-            todo = [g for g in range(len(prompts)) if g not in done]
-            dead = {f[0] for f in failed}
-            healthy = [r for r in healthy if r not in dead] or healthy
+                        dead[replica] = error
+                        failed.append(error)
             self.drop(dead)
+            todo = [g for g in range(len(prompts)) if g not in done]
             if not todo:
                 return [s for g in range(len(prompts)) for s in done[g]]
+        left = "" if self.replicas else "; no rollout replica is left in the run"
         raise StepError(f"generation failed for {len(todo)} prompts after {self.retries + 1} attempts "
-                        f"(runtime_args.step_retries={self.retries}): {failed[-1][1] if failed else 'incomplete'}")
-
-    def drop(self, replicas) -> None:
-        """Forgets failed replicas (never the last one); the weight sync then rebuilds its group."""
-        keep = [r for r in self.replicas if r not in replicas]
-        if keep and len(keep) < len(self.replicas):
-            self.report(f"dropping rollout replicas {[r.address for r in self.replicas if r not in keep]} "
-                        f"from this run; {len(keep)} left")
-            self.replicas = keep
-
-    def unreachable(self) -> list[Rollout]:
-        """Replicas that do not answer GetInfo within runtime_args.rpc_timeout_s.control."""
-        dead = []
-        for r in self.replicas:
-            try:
-                r.call("GetInfo", pb.Empty())
-            except StepError:
-                dead.append(r)
-        return dead
+                        f"(runtime_args.step_retries={self.retries}){left}: {failed[-1] if failed else 'incomplete'}")
 
     def _generate_on(self, replica: Rollout, shard: list[int], prompts, sampling, n, tag):
         """Generates the shard's groups on one replica, at most max_sequences samples per call."""
@@ -199,7 +234,6 @@ class RolloutPool:
             except grpc.RpcError as exc:
                 return groups, describe_failure(replica.name, "Generate", exc, timeout, "generate")
         return groups, None
-
 
 class TrainerClient(Worker):
     kind = "trainer"

@@ -3,9 +3,10 @@
 
 Starts the coordinator, one trainer (FSDP2, gloo) and one rollout service (built-in engine) as
 separate processes, starts a run through the coordinator's gRPC API, prints progress, then a summary
-and a PNG of the curves.
+and a PNG of the curves. With --coordinator it starts no process and drives a coordinator already
+running with its workers (docker/compose.cpu.yaml's `demo` service does).
 
-    python -m services.coordinator.demo [--real] [overrides ...]
+    python -m services.coordinator.demo [--real] [--coordinator HOST:PORT] [overrides ...]
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"SmolLM2-135M-Instruct on held-out arithmetic ({os.path.relpath(REAL_CONFIG, ROOT)})")
     parser.add_argument("--workdir", help="logs and the coordinator's state (default output/demo or output/demo-real)")
     parser.add_argument("--prepare", action="store_true", help="only write the data and the model")
+    parser.add_argument("--coordinator", help="host:port of a running coordinator to start the run on (its "
+                                              "config paths resolve there, so share the output directory; "
+                                              "RLGRID_AUTH_TOKEN is sent when set)")
     args = parser.parse_args(argv)
     config_path = REAL_CONFIG if args.real else DEMO_CONFIG
     workdir = args.workdir or os.path.join(ROOT, "output", "demo-real" if args.real else "demo")
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         print(f"wrote {cfg.runtime_args.data_path} and {cfg.models.policy.load}")
         return 0
+    if args.coordinator:
+        return drive(args.coordinator, config_path, args.overrides, "")
     # the trainer and the rollout service take turns: each may use every core (the toy model wants one)
     threads = str(os.cpu_count() or 1) if args.real else "1"
     os.environ.setdefault("OMP_NUM_THREADS", threads)
@@ -84,23 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("starting the coordinator, a trainer and a rollout service", flush=True)
         coordinator, _, _ = cluster.deploy(os.path.join(workdir, "coordinator"))
-        stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coordinator.address))
-        with open(config_path) as f:
-            try:
-                run = stub.StartRun(cpb.StartRunRequest(config_yaml=f.read(), overrides=args.overrides))
-            except grpc.RpcError as exc:
-                print(f"error: {exc.details()}", file=sys.stderr)
-                return 2
-        print(f"run {run.run_id}: {run.total_steps} steps; logs in {workdir}/logs", flush=True)
-        for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id)):
-            print(progress_line(event), flush=True)
-        final = stub.GetRun(cpb.RunRef(run_id=run.run_id))
-        if final.state != cpb.FINISHED:
-            print(f"run ended {cpb.RunState.Name(final.state)}: {final.error}", file=sys.stderr)
-            return 1
-        return summarize(final)
+        return drive(coordinator.address, config_path, args.overrides, f"; logs in {workdir}/logs")
     finally:
         cluster.stop_all()
+
+
+def drive(address: str, config_path: str, overrides: list[str], where: str) -> int:
+    """Starts the run on the coordinator at `address`, prints its progress, then the summary."""
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(address))
+    with open(config_path) as f:
+        try:
+            run = stub.StartRun(cpb.StartRunRequest(config_yaml=f.read(), overrides=overrides))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.details()}", file=sys.stderr)
+            return 2
+    print(f"run {run.run_id}: {run.total_steps} steps{where}", flush=True)
+    for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id)):
+        print(progress_line(event), flush=True)
+    final = stub.GetRun(cpb.RunRef(run_id=run.run_id))
+    if final.state != cpb.FINISHED:
+        print(f"run ended {cpb.RunState.Name(final.state)}: {final.error}", file=sys.stderr)
+        return 1
+    return summarize(final)
 
 
 def progress_line(event: cpb.RunEvent) -> str:
@@ -111,7 +122,8 @@ def progress_line(event: cpb.RunEvent) -> str:
                 f"len {m['eval/response_length']:4.1f}  {m['time/eval']:.1f}s")
     if m:
         return (f"step {event.step:3d}  reward {m['reward/mean']:.3f}  len {m['response_length/mean']:4.1f}  "
-                f"loss {m.get('train/loss', 0):+.4f}  agree {m['agreement/max_abs_diff']:.1e}  {m['time/step']:.1f}s")
+                f"loss {m.get('train/loss', 0):+.4f}  agree {m.get('agreement/max_abs_diff', math.nan):.1e}  "
+                f"replicas {m['rollout/replicas']:.0f}  {m['time/step']:.1f}s")
     return f"[{cpb.RunState.Name(event.state)}] {event.message}"
 
 

@@ -1,7 +1,8 @@
 """The GRPO loop, start to end of a run. Every step is one call into a named module; retries and
-deadlines (clients.py), persistence (runs.py), reward time limits (reward_pool.py), metrics
-(steps.py, overlap.py), held-out evaluation (evaluation.py), where memory lives (placement.py) and
-how far rollout runs ahead of training (producer.py) live beside it."""
+deadlines (clients.py), replicas joining and leaving (membership.py), restarts (recovery.py),
+persistence (runs.py), reward time limits (reward_pool.py), metrics (steps.py, overlap.py), held-out
+evaluation (evaluation.py), where memory lives (placement.py) and how far rollout runs ahead of
+training (producer.py) live beside it."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from services.coordinator.advantages import group_normalized_advantages
 from services.coordinator.clients import RolloutPool, TrainerClient
 from services.coordinator.data import PromptSampler, load_jsonl
 from services.coordinator.evaluation import Evaluation
+from services.coordinator.membership import Membership
 from services.coordinator.overlap import Activity
 from services.coordinator.placement import choose_placement
 from services.coordinator.producer import Batch, RolloutProducer
@@ -39,6 +41,7 @@ class RunContext:
     tokenizer: object
     trainer: TrainerClient
     rollouts: RolloutPool
+    membership: Membership
     sync: WeightSync
     reward: RewardPool
 
@@ -101,9 +104,10 @@ def run_grpo(ctx: RunContext) -> None:
                     train = [ctx.trainer.train(mbs) for mbs in train_steps]
             version += len(train)
             with producer.between_batches(serving=version), timer("sync"), activity("sync"), placement.sync():
+                ctx.membership.admit()          # replicas set up since the last step join: they get these weights
                 synced = ctx.sync.sync(version)
             run.record_step(step, step_metrics(batch, lag, train, agreement, synced, timer, activity,
-                                               ctx.rollouts.discarded) | placement.metrics())
+                                               ctx.rollouts.counters()) | placement.metrics())
             evaluate(step)                      # every runtime_args.eval_episode_interval and after the last step
             if ra.save_episode_interval and step % ra.save_episode_interval == 0:
                 checkpoint = os.path.join(run.run_dir, f"checkpoint-{step}")

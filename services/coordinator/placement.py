@@ -21,7 +21,7 @@ from typing import Iterator, Protocol, Sequence
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import rollout_pb2 as rpb
-from services.common.config import RLConfig
+from services.common.config import RLConfig, RpcTimeouts
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 
 
@@ -182,10 +182,23 @@ def decide(placement: str, off_policy_steps: int, trainer_gpus: Sequence[str],
     return "colocated", f"runtime_args.placement=auto, and the trainer shares GPUs {shared} with replicas"
 
 
+# keys that only colocated placement reads, and whether a config sets them (a disaggregated run refuses them)
+COLOCATED_ONLY = {
+    "runtime_args.rpc_timeout_s.memory": lambda c: c.runtime_args.rpc_timeout_s.memory != RpcTimeouts().memory,
+    "models.policy_trainer.offload": lambda c: c.models.policy_trainer.offload,
+    "models.policy.enable_sleep_mode": lambda c: c.models.policy.enable_sleep_mode,
+}
+
+
 def choose_placement(cfg: RLConfig, trainer: TrainerClient, rollouts: RolloutPool,
                      actions: PlacementActions | None = None) -> Placement:
-    """The run's placement, from the GPUs the set-up services report (GetInfo)."""
+    """The run's placement, from the GPUs the set-up services report (GetInfo). A disaggregated run
+    refuses the keys only colocated placement reads (the run fails at its start, naming them)."""
     trainer_gpus = trainer.call("GetInfo", pb.Empty()).gpu_uuids
     replica_gpus = [info.gpu_uuids for info in rollouts.call_all("GetInfo", pb.Empty())]
     kind, why = decide(cfg.runtime_args.placement, cfg.runtime_args.off_policy_steps, trainer_gpus, replica_gpus)
+    unused = [key for key, is_set in COLOCATED_ONLY.items() if is_set(cfg)]
+    if kind == "disaggregated" and unused:
+        raise StepError(f"{', '.join(unused)} apply only to colocated placement (trainer and replicas taking turns "
+                        f"on shared GPUs), and this run is disaggregated ({why}); leave them at their defaults")
     return (Colocated if kind == "colocated" else Placement)(actions or ServiceActions(cfg, trainer, rollouts), why)

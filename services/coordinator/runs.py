@@ -3,7 +3,8 @@
 Each run writes `<runtime_args.output_dir>/runs/<run_id>/` with state.json, config.yaml,
 metrics.jsonl (one row per step, and one per held-out evaluation), eval/step-<n>.jsonl (every
 evaluation answer) and, when TensorBoard is installed, tensorboard/; the coordinator's state dir keeps
-an index so a restarted coordinator lists them. A run_id starts with runtime_args.exp_name.
+an index so a restarted coordinator lists them, and resumes those that were active (recovery.py). A
+run_id starts with runtime_args.exp_name.
 """
 from __future__ import annotations
 
@@ -86,6 +87,22 @@ class Run:
             self.persist()
         for listener in self.listeners:
             listener(self, step, metrics)
+    def rollback(self, episode: int, message: str) -> None:
+        """The run goes on after `episode` (a restart resumed it from that checkpoint): the records of later
+        steps leave metrics.jsonl (those steps are redone), and an event says so with `message`."""
+        with self.cond:
+            path = os.path.join(self.run_dir, "metrics.jsonl")
+            kept: list[dict] = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [r for r in map(json.loads, f) if r["step"] <= episode]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(path + ".tmp", path)
+            self.step = episode
+            self.last_metrics = {k: v for k, v in kept[-1].items() if k != "step"} if kept else {}
+            self._event(message=message)
+            self.persist()
 
     def log(self, message: str) -> None:
         with self.cond:
@@ -156,6 +173,7 @@ class RunStore:
         os.makedirs(state_dir, exist_ok=True)
         self.index_path = os.path.join(state_dir, "runs.jsonl")
         self.runs: dict[str, Run] = {}
+        self.interrupted: list[Run] = []   # active when the coordinator stopped: they resume (recovery.py)
         self.lock = threading.Lock()
         self._load()
 
@@ -183,12 +201,11 @@ class RunStore:
                             m = json.loads(mline)
                             run.events.append({"state": cpb.RUNNING, "step": m.pop("step"), "metrics": m,
                                                "message": "", "time": 0.0})
-                if run.state not in TERMINAL:
-                    run.error = "the coordinator restarted while this run was active"
-                    run.state = cpb.FAILED
-                    run.persist()
-                run.events.append({"state": run.state, "step": run.step, "metrics": {}, "message": run.error,
-                                   "time": time.time()})
+                if run.state in TERMINAL:
+                    run.events.append({"state": run.state, "step": run.step, "metrics": {}, "message": run.error,
+                                       "time": time.time()})
+                else:
+                    self.interrupted.append(run)
                 self.runs[run.run_id] = run
 
     def create(self, config_yaml: str, output_dir: str, total_steps: int, exp_name: str = "rlgrid") -> Run:

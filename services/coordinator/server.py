@@ -19,7 +19,7 @@ import grpc
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
-from services.common.config import RLConfig, config_to_yaml
+from services.common.config import RLConfig, config_to_yaml, load_config
 from services.common.logs import setup_logging
 from services.common.models import load_tokenizer
 from services.common.paths import add_root_args, roots_from_args
@@ -39,6 +39,8 @@ from services.coordinator import metrics
 from services.coordinator.clients import RolloutPool, StepError, TrainerClient
 from services.coordinator.confine import DEFAULT_CONFIG_DIR, RunRoots, confine_run, read_config
 from services.coordinator.loop import RunContext, run_grpo
+from services.coordinator.membership import Membership
+from services.coordinator.recovery import TrainerRecovery, redone_steps, resume_point
 from services.coordinator.reward_pool import RewardPool
 from services.coordinator.runs import TERMINAL, Run, RunStore, StopRequested
 from services.coordinator.sync import WeightSync
@@ -60,6 +62,25 @@ class Scheduler:
     def submit(self, run: Run, cfg: RLConfig, tokenizer) -> None:
         self.queue.put((run, cfg, tokenizer))
 
+    def resume(self, run: Run, roots: RunRoots) -> None:
+        """A run that was active when the coordinator stopped: queued to go on from its last checkpoint
+        (recovery.py), with its paths checked against this coordinator's roots again."""
+        try:
+            cfg = load_config(run.config_yaml, source="the run's config.yaml")
+            confine_run(cfg, roots)
+            tokenizer = load_tokenizer(cfg.models.policy.load)
+        except Exception as exc:  # noqa: BLE001 - reported on the run; the coordinator serves the others
+            run.fail(f"the coordinator restarted and cannot resume this run: {exc}")
+            return
+        checkpoint, episode = resume_point(run, cfg.runtime_args.resume_from)
+        cfg.runtime_args.resume_from = checkpoint
+        run.pause_requested = run.state == cpb.PAUSED
+        run.rollback(episode, f"the coordinator restarted: the run resumes from {checkpoint or 'its start'} "
+                              f"(episode {episode}){redone_steps(episode, run.step)} once a trainer and a rollout "
+                              f"replica are registered")
+        run.set_state(cpb.PENDING, "waiting for workers")
+        self.submit(run, cfg, tokenizer)
+
     def _loop(self) -> None:
         while True:
             run, cfg, tokenizer = self.queue.get()
@@ -74,27 +95,34 @@ class Scheduler:
             if run.stop_requested:
                 run.set_state(cpb.STOPPED, "stopped before it started")
                 continue
-            secrets = {w.address: self.workers.secret(w.address) for w in [trainers[0], *rollouts]}
-            self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts], secrets)
+            self._execute(run, cfg, tokenizer, trainers[0].address, [w.address for w in rollouts])
 
-    def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str],
-                 secrets: dict[str, str]) -> None:
+    def _execute(self, run: Run, cfg: RLConfig, tokenizer, trainer_addr: str, rollout_addrs: list[str]) -> None:
         ra, rw = cfg.runtime_args, cfg.models.reward
+        setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
+        rollouts = RolloutPool([], max_message_mb=self.max_message_mb, timeouts=ra.rpc_timeout_s,
+                               retries=ra.step_retries, max_sequences=ra.sample_per_episode, report=run.log,
+                               run_id=run.run_id)
+        membership = Membership(rollouts, self.workers, setup)
+        recovery = TrainerRecovery(run, cfg, self.workers)
         try:
             run.set_state(cpb.RUNNING, f"running on trainer {trainer_addr} and {len(rollout_addrs)} rollout replicas")
-            limits = dict(max_message_mb=self.max_message_mb, timeouts=ra.rpc_timeout_s)
-            trainer = TrainerClient(trainer_addr, **limits, secret=secrets[trainer_addr])
-            rollouts = RolloutPool(rollout_addrs, **limits, retries=ra.step_retries, max_sequences=ra.sample_per_episode,
-                                   report=run.log, secrets=secrets)
-            trainer.handshake()
-            rollouts.handshake()
-            setup = pb.SetupRequest(run_id=run.run_id, config_yaml=run.config_yaml)
-            trainer.call("Setup", setup, "setup")
-            rollouts.call_all("Setup", setup, "setup")
             with RewardPool(rw.name, timeout_s=rw.timeout_s, workers=rw.num_workers) as reward:
-                run_grpo(RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer, rollouts=rollouts,
-                                    sync=WeightSync(self.rendezvous, trainer, rollouts, bucket_mb=ra.weight_sync_bucket_mb),
-                                    reward=reward))
+                while True:
+                    try:
+                        trainer = TrainerClient(trainer_addr, max_message_mb=self.max_message_mb,
+                                                timeouts=ra.rpc_timeout_s, secret=self.workers.secret(trainer_addr))
+                        trainer.handshake()
+                        info = trainer.call("Setup", setup, "setup")
+                        if not membership.started:
+                            membership.start(rollout_addrs, info)
+                        run_grpo(RunContext(cfg=cfg, run=run, tokenizer=tokenizer, trainer=trainer, rollouts=rollouts,
+                                            membership=membership, reward=reward,
+                                            sync=WeightSync(self.rendezvous, trainer, rollouts,
+                                                            bucket_mb=ra.weight_sync_bucket_mb)))
+                        break
+                    except StepError as exc:
+                        trainer_addr = recovery.recover(exc, trainer)   # re-raises unless the trainer was lost
             run.set_state(cpb.FINISHED, f"finished {run.step} steps")
         except StopRequested:
             run.set_state(cpb.STOPPED, f"stopped after step {run.step}")
@@ -107,6 +135,8 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a failed run is reported, the coordinator keeps serving
             log.exception("run %s failed", run.run_id)
             run.fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            membership.close()
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -215,6 +245,9 @@ def serve(port: int, *, host: str = "localhost", state_dir: str = "./output/coor
     scheduler = Scheduler(store, workers, rendezvous,
                           max_message_mb=limits.get("max_message_mb", DEFAULT_MAX_MESSAGE_MB))
     servicer = CoordinatorServicer(store, workers, scheduler, roots)
+    for run in store.interrupted:   # active when the coordinator last stopped: they go on (recovery.py)
+        run.listeners.append(metrics.observe)
+        scheduler.resume(run, servicer.roots)
     server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
                       cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port,
                     tls=transport.tls, insecure_no_auth=transport.insecure_no_auth, **limits)

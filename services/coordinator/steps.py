@@ -163,7 +163,8 @@ class Timer:
 
 
 def step_metrics(batch: Batch, lag: int, train: list[dict[str, float]], agreement: float | None,
-                 sync: dict[str, float], timer: Timer, activity: Activity, discarded: int) -> dict[str, float]:
+                 sync: dict[str, float], timer: Timer, activity: Activity, pool: dict[str, float]) -> dict[str, float]:
+    """`pool`: the rollout pool's run totals (RolloutPool.counters)."""
     samples, rewards = batch.samples, batch.rewards
     lengths = [len(s.response_ids) for s in samples]
     merged: dict[str, float] = {}
@@ -182,8 +183,8 @@ def step_metrics(batch: Batch, lag: int, train: list[dict[str, float]], agreemen
             "response/truncated_frac": sum(s.finish_reason == pb.LENGTH for s in samples) / len(samples),
             "rollout/policy_version": float(batch.version),
             "rollout/policy_lag": float(lag),   # optimizer steps the trainer was ahead when it trained them
-            "rollout/replicas": float(len({s.replica for s in samples})),
-            "rollout/discarded_samples_total": float(discarded),   # cut short by a failed replica, regenerated
+            "rollout/replicas": float(len({s.replica for s in samples})),   # replicas that generated this step
+            "rollout/samples": float(len(samples)), **pool,
             "rollout/tokens_per_s": sum(lengths) / max(batch.seconds.get("time/rollout", 0.0), 1e-9),
             **checked, **means, **sync, **batch.seconds, **timer.seconds, "time/step": end - timer.start,
             **activity.report(timer.start, end)}

@@ -1,4 +1,5 @@
-"""Workers that registered themselves; a run uses whoever is registered and alive when it starts.
+"""Workers that registered themselves: a run starts on whoever is registered and alive, and rollout
+replicas that register later join it (membership.py).
 
 Each worker registers with a secret it accepts steering calls with; the coordinator keeps it (never
 in ListWorkers) and sends it on every call to that worker. A registration that brings a new secret
@@ -70,6 +71,12 @@ class WorkerRegistry:
             return sorted((w for w, seen in self._workers.values()
                            if now - seen < STALE_AFTER_S and (kind is None or w.kind == kind)),
                           key=lambda w: w.address)
+
+    def registered_at(self, address: str) -> float | None:
+        """time.monotonic() of the worker's last registration (None: never)."""
+        with self._lock:
+            entry = self._workers.get(address)
+        return entry[1] if entry else None
 
     def secret(self, address: str) -> str:
         """The secret the worker at `address` registered with (sent on every call to it)."""

@@ -15,7 +15,7 @@ from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import rollout_pb2 as rpb
 from rlgrid.v1 import rollout_pb2_grpc
-from services.common import weight_sync
+from services.common import faults, weight_sync
 from services.common.config import TEMPERATURE_RANGE, RLConfig, load_config
 from services.common.logs import setup_logging
 from services.common.paths import Roots, roots_from_args
@@ -107,6 +107,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     @handle_errors
     def Setup(self, request, context):
+        faults.point("setup")
         cfg = load_config(request.config_yaml)
         p = cfg.models.policy
         if self.model_roots:
@@ -150,6 +151,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                     response_logprobs=to_wire(torch.tensor(g.logprobs, dtype=torch.float32)),
                     finish_reason=pb.STOP if g.finish_reason == "stop" else pb.LENGTH,
                     policy_version=g.policy_version, replica=self.address)
+                if sum(counters) == 1:
+                    faults.point("generate")   # mid-stream: one sample is out, the rest are not
 
     @handle_errors
     def PrepareWeightSync(self, request, context):
@@ -171,6 +174,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             raise InvalidArgument(f"params: plan has {len(theirs)} parameters, this replica's model {len(mine)}")
         weight_sync.check_member(request, engine.device)
         weight_sync.check_plan_secret(request)   # before the current group is left: a refusal changes nothing
+        faults.point("prepare")
         engine.join_weight_sync(request)
         log.info("joined weight-sync group %s as rank %d/%d", request.group_id, request.rank, request.world_size)
         return pb.Empty()
@@ -188,6 +192,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @handle_errors
     def ReceiveWeights(self, request, context):
         engine = self._member(request)
+        faults.point("receive")
         start = time.perf_counter()
         nbytes = engine.receive_weights(request.version)
         return pb.WeightSyncReply(version=request.version, bytes=nbytes, seconds=time.perf_counter() - start)
@@ -195,7 +200,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     @handle_errors
     def CommitWeights(self, request, context):
         start = time.perf_counter()
-        version = self._member(request).commit_weights(request.version)
+        engine = self._member(request)
+        faults.point("commit")
+        version = engine.commit_weights(request.version)
         return pb.WeightSyncReply(version=version, seconds=time.perf_counter() - start)
 
     @handle_errors
@@ -222,6 +229,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
 
     @handle_errors
     def GetInfo(self, request, context):
+        faults.point("info")
         return self._info()
 
     def _info(self) -> rpb.RolloutInfo:

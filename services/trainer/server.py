@@ -16,7 +16,7 @@ from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import trainer_pb2 as tpb
 from rlgrid.v1 import trainer_pb2_grpc
-from services.common import batches, weight_sync
+from services.common import batches, faults, weight_sync
 from services.common.config import RLConfig, load_config
 from services.common.logs import setup_logging
 from services.common.memory import memory_report
@@ -131,6 +131,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if len({mb.proximal_logprobs is None for mb in micro_batches}) > 1:
             raise InvalidArgument("proximal_logprobs must come with every micro-batch of the step or with none (one "
                                   "optimizer step's weights computed them, or its own forward does)")
+        faults.point("train")
         with self._lock:
             try:
                 metrics = self.ranks.run("train", payload=micro_batches)
@@ -143,6 +144,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         backend, _, limits = self._set_up()
         batch = batches.from_proto(request, vocab_size=backend.vocab_size, for_training=False)
         limits.check(batch, for_training=False)
+        faults.point("logprobs")
         with self._lock:
             return tpb.LogProbs(logprobs=to_wire(self.ranks.run("logprobs", batch)))
 
@@ -181,6 +183,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if transport is None or transport.plan.group_id != request.group_id:
             raise FailedPrecondition(f"not a member of weight-sync group {request.group_id!r}; "
                                      f"call PrepareWeightSync first")
+        faults.point("send")
         with self._lock:
             start = time.perf_counter()
             sent = self.ranks.run("send_weights")
@@ -193,6 +196,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         extra = json.loads(request.extra_json) if request.extra_json else {}
         if not isinstance(extra, dict):
             raise InvalidArgument("extra_json must be a JSON object (the coordinator's state to restore with it)")
+        faults.point("save")
         with self._lock:
             start = time.perf_counter()
             self.ranks.run("save", path, extra)

@@ -159,6 +159,11 @@ def test_every_key_is_read_or_refused(in_process, toy, demo_yaml, tmp_path):
                 service.Setup(pb.SetupRequest(run_id="walk", config_yaml=config_to_yaml(cfg)), timeout=120)
             except grpc.RpcError as exc:
                 refused |= exc.code() == grpc.StatusCode.INVALID_ARGUMENT and key in exc.details()
+        if not refused:   # refused when the run starts, where the services' GPUs are known (e.g. placement)
+            run = stub.StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
+            list(stub.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=300))
+            info = stub.GetRun(cpb.RunRef(run_id=run.run_id))
+            refused = info.state == cpb.FAILED and info.step == 0 and key in info.error
         if not refused:
             silent.append(key)
     assert not silent, f"keys accepted and never read (consume them or refuse them where they do not apply): {silent}"

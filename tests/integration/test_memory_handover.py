@@ -80,7 +80,8 @@ def test_after_a_level_2_sleep_a_replica_generates_only_once_a_sync_committed(de
     info = rollout.GetInfo(pb.Empty())
     assert info.weights_valid and info.policy_version == version
     samples = [decode_sample(m) for m in rollout.Generate(REQUEST, timeout=60)]
-    assert logprob_agreement(trainer, samples, k=2, threshold=1e-3, temperature=1.0) < 1e-3
+    assert logprob_agreement(trainer, samples, k=2, threshold=1e-3, temperature=1.0,
+                             trainer_version=version) < 1e-3
 
 
 def test_the_trainer_offloads_only_when_the_run_lets_it_and_only_from_a_gpu(deployment, services):

@@ -156,6 +156,7 @@ def test_micro_batch_size_is_refused_when_packing() -> None:
         (("models.policy_trainer.save_hf=True",), "runtime_args.save_episode_interval > 0"),
         (("runtime_args.agreement_samples=0", "runtime_args.logprob_diff_threshold=0.1"),
          "runtime_args.agreement_samples > 0"),
+        (("runtime_args.trainer_restart_wait_s=60",), "runtime_args.trainer_restarts > 0"),
         (("models.policy_trainer.optimizer.min_lr=1e-7",),
          "models.policy_trainer.optimizer.lr_decay_style=linear or cosine"),
         (("models.policy_trainer.optimizer.lr_decay_iters=10",),
@@ -195,7 +196,7 @@ def test_every_applies_only_row_is_tested() -> None:
               "models.policy_trainer.max_token_in_packing", "models.policy_trainer.ref_offload",
               "models.policy_trainer.save_hf", "runtime_args.logprob_diff_threshold",
               "models.policy_trainer.optimizer.min_lr", "models.policy_trainer.optimizer.lr_decay_iters",
-              "models.policy_trainer.tis_mode"}
+              "models.policy_trainer.tis_mode", "runtime_args.trainer_restart_wait_s"}
     tested |= {f"models.policy_trainer.{k.split('=')[0]}" for keys in BACKEND_KEYS.values() for k in keys}
     assert {key for key, _, _ in APPLIES_ONLY} == tested
 
@@ -208,6 +209,9 @@ def test_keys_where_they_apply_or_at_their_default_load() -> None:
                                  "models.policy.gpu_memory_utilization=0.5"])
     assert cfg.models.policy.gpu_memory_utilization == 0.5 and cfg.models.policy_trainer.ref_offload
     load_config(overrides=["models.policy.gpu_memory_utilization=0.8"])   # the default, with the built-in engine
+    cfg = load_config(overrides=["runtime_args.trainer_restarts=2", "runtime_args.trainer_restart_wait_s=60"])
+    assert (cfg.runtime_args.trainer_restarts, cfg.runtime_args.trainer_restart_wait_s) == (2, 60)
+    assert "runtime_args.trainer_restarts=-1 is invalid" in error_of(overrides=("runtime_args.trainer_restarts=-1",))
 
 
 def test_grpc_max_message_mb_moved_to_the_services() -> None:

@@ -1,8 +1,11 @@
-"""Static checks of docker/: the Dockerfile's targets, compose.yaml and the container launcher.
+"""Static checks of docker/: the Dockerfile's targets, compose.yaml (GPU), compose.cpu.yaml (CPU)
+and the container launcher.
 
 No docker engine is needed: the files are parsed, every module and CLI flag they name is checked
-against the services' own argparse parsers, and the launcher and the image's health check run
-against local stand-ins.
+against the services' own argparse parsers, the compose CLI validates both files where it is
+installed (`docker-compose config`), and the launcher and the image's health check run against local
+stand-ins. tests/integration/test_hosts.py runs compose.cpu.yaml's commands, one network namespace
+per container.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_CPU = DOCKER / "compose.cpu.yaml"
 SERVICES = ("coordinator", "trainer", "rollout")
 GPU_SERVICES = ("trainer", "rollout")
 # torch that each vLLM release pins (its wheel's Requires-Dist); the base image must carry it.
@@ -72,20 +77,34 @@ def dockerfile() -> list[Instruction]:
     return instructions(DOCKERFILE.read_text())
 
 
-def stages(instrs: list[Instruction]) -> dict[str, str]:
-    """stage name -> what it is FROM."""
+def build_args(instrs: list[Instruction], **given: str) -> dict[str, str]:
+    """The global ARGs (before the first FROM) with their defaults, overridden by `given` (--build-arg)."""
+    args = {}
+    for ins in instrs:
+        if ins.keyword == "FROM":
+            break
+        if ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            args[name.strip()] = default.strip()
+    return {**args, **given}
+
+
+def stages(instrs: list[Instruction], **given: str) -> dict[str, str]:
+    """stage name -> what it is FROM, the global ARGs expanded (defaults, or `given`)."""
+    args = build_args(instrs, **given)
     result = {}
     for ins in instrs:
         if ins.keyword == "FROM":
             m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", ins.args, re.IGNORECASE)
             if m.group(2):
-                result[m.group(2).lower()] = m.group(1).lower()
+                parent = re.sub(r"\$\{(\w+)\}", lambda v: args.get(v.group(1), v.group(0)), m.group(1))
+                result[m.group(2).lower()] = parent.lower()
     return result
 
 
-def chain(instrs: list[Instruction], stage: str) -> list[str]:
-    """The stage and its ancestors within this Dockerfile, nearest first."""
-    parents, out = stages(instrs), []
+def chain(instrs: list[Instruction], stage: str, **given: str) -> list[str]:
+    """The stage and its ancestors within this Dockerfile, nearest first (`given`: build args)."""
+    parents, out = stages(instrs, **given), []
     while stage in parents:
         out.append(stage)
         stage = parents[stage]
@@ -176,7 +195,12 @@ class _Parsed(Exception):
 
 def parse_service_args(module: str, args: list[str]) -> argparse.Namespace:
     """Runs `module`'s server main() up to its parse_args, on `args`: the service's own parser."""
-    server = importlib.import_module(module + ".server")
+    return parse_module_args(importlib.import_module(module + ".server"), args)
+
+
+def parse_module_args(server, args: list[str]) -> argparse.Namespace:
+    """Runs `server.main()` up to its parse_args, on `args`."""
+    module = server.__name__
     real = argparse.ArgumentParser.parse_args
 
     def capture(self, _args=None, namespace=None):
@@ -190,7 +214,7 @@ def parse_service_args(module: str, args: list[str]) -> argparse.Namespace:
             return parsed.args[0]
         except SystemExit as exc:
             pytest.fail(f"{module} rejects {args}: argparse exited {exc.code} (see stderr)")
-    pytest.fail(f"{module}.server.main() returned without parsing arguments")
+    pytest.fail(f"{module}.main() returned without parsing arguments")
 
 
 def volume_target(spec: str) -> str:
@@ -500,3 +524,101 @@ def test_trainer_image_installs_the_megatron_extra(dockerfile):
     runs = " ".join(i.args for i in dockerfile if i.stage == "trainer" and i.keyword == "RUN")
     assert "project-extra /opt/rlgrid/pyproject.toml megatron" in runs and "import megatron.core" in runs
     assert "transformer" not in " ".join(extra).replace("megatron-core", "")   # no Transformer Engine
+
+
+# ---------------------------------------------------------------- compose.cpu.yaml: the same topology on CPU
+
+@pytest.fixture(scope="module")
+def compose_cpu() -> dict:
+    data = yaml.safe_load(COMPOSE_CPU.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+def compose_cli() -> list[str] | None:
+    """The compose CLI: `docker compose` (v2 plugin) or `docker-compose` (Debian's package)."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU], ids=["gpu", "cpu"])
+def test_the_compose_cli_accepts_the_file_and_demands_the_token(path):
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no compose CLI here (Debian: apt-get install docker-compose; .ci/run installs it)")
+    env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
+    done = subprocess.run([*cli, "-f", str(path), "config"], capture_output=True, text=True, timeout=120,
+                          env={**env, AUTH_ENV: "a-token"})
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert {"coordinator", "trainer", "rollout"} <= set(resolved["services"])
+    refused = subprocess.run([*cli, "-f", str(path), "config"], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and AUTH_ENV in refused.stderr + refused.stdout
+
+
+def test_cpu_compose_is_the_gpu_topology_on_cpu_images(compose, compose_cpu, dockerfile, monkeypatch):
+    launch = load_launch()
+    monkeypatch.setenv(launch.HOST_ENV, "10.0.0.7")
+    for name in SERVICES:
+        gpu, cpu = compose["services"][name], compose_cpu["services"][name]
+        assert cpu["build"]["target"] == gpu["build"]["target"] == name
+        assert (COMPOSE_CPU.parent / cpu["build"]["context"]).resolve() == ROOT
+        assert cpu["build"]["dockerfile"] == gpu["build"]["dockerfile"]
+        assert cpu["build"]["args"]["DEVICE"] == "cpu" and "deploy" not in cpu and "RLGRID_GPUS" not in cpu["environment"]
+        assert cpu.get("entrypoint") == gpu.get("entrypoint")
+        a = parse_service_args(f"services.{name}", launch.with_advertise(f"services.{name}",
+                                                                        service_argv(compose, dockerfile, name)[1]))
+        b = parse_service_args(f"services.{name}", launch.with_advertise(f"services.{name}",
+                                                                        service_argv(compose_cpu, dockerfile, name)[1]))
+        same = {k for k in vars(a) if k not in ("device", "data_root")}
+        assert {k: vars(a)[k] for k in same} == {k: vars(b)[k] for k in same}, name
+        if name != "coordinator":
+            assert a.device.startswith("cuda") and b.device == "cpu"
+            assert cpu["environment"]["GLOO_SOCKET_IFNAME"] == "eth0" and not cpu.get("ports")
+    coord = parse_service_args("services.coordinator", service_argv(compose_cpu, dockerfile, "coordinator")[1])
+    assert coord.data_root == ["/data", "/output"], "the demo's toy data is written to /output"
+    assert [str(p) for p in compose_cpu["services"]["coordinator"]["ports"]] == \
+        ["127.0.0.1:50050:50050", "127.0.0.1:9400:9400"]
+    for name, svc in compose_cpu["services"].items():
+        assert re.fullmatch(r"\$\{%s:\?[^}]+\}" % AUTH_ENV, svc["environment"][AUTH_ENV]), name
+
+
+def test_cpu_demo_service_drives_the_coordinator(compose_cpu, dockerfile):
+    demo = compose_cpu["services"]["demo"]
+    entrypoint, args = service_argv(compose_cpu, dockerfile, "demo")
+    assert entrypoint[:3] == ["python", "-m", "services.coordinator.demo"]
+    demo_module = importlib.import_module("services.coordinator.demo")
+    ns = parse_module_args(demo_module, entrypoint[3:] + args)
+    assert ns.coordinator == "coordinator:50050" and not ns.prepare
+    assert demo["healthcheck"]["disable"] is True, "the coordinator image's health check does not apply to a client"
+    assert "/output" in {volume_target(v) for v in demo["volumes"]}
+
+
+def test_cpu_images_take_pyprojects_torch_and_no_vllm(dockerfile):
+    req = load_requirements()
+    pyproject = str(ROOT / "pyproject.toml")
+    pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if req._name(d) == "torch")
+    assert req.torch_install("cuda", pyproject) is None, "GPU images keep the base image's CUDA torch"
+    assert req.torch_install("cpu", pyproject)[-4:] == ["-m", "pip", "install", pin]
+    assert req.torch_install("cpu", pyproject, "https://example.invalid/whl")[-3:] == \
+        ["--index-url", "https://example.invalid/whl", pin]
+    assert req.check_torch("cpu", pyproject).startswith("torch 2.13.0")
+    with pytest.raises(SystemExit, match="DEVICE"):
+        req.torch_install("tpu", pyproject)
+    runs = [i.args for i in dockerfile if i.stage == "base" and i.keyword == "RUN"]
+    assert any('requirements.py torch "${DEVICE}"' in r for r in runs), "base installs no torch for DEVICE=cpu"
+    assert build_args(dockerfile)["DEVICE"] == "cuda", "the default build is the GPU one"
+    vllm_stages = {stage for stage, argv in pip_installs(dockerfile) if any(a.startswith("vllm") for a in argv)}
+    assert vllm_stages and vllm_stages <= set(chain(dockerfile, "rollout"))
+    assert not vllm_stages & set(chain(dockerfile, "rollout", DEVICE="cpu")), "vLLM in the CPU rollout image"
+    for target in SERVICES:   # every target builds on base for either device
+        assert "base" in chain(dockerfile, target, DEVICE="cpu") and "base" in chain(dockerfile, target)
+
+
+def load_requirements():
+    spec = importlib.util.spec_from_file_location("rlgrid_docker_requirements", DOCKER / "requirements.py")
+    req = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(req)
+    return req

@@ -351,3 +351,31 @@ def test_security_flags_go_together(monkeypatch, capsys):
 def test_max_streams_must_leave_threads_for_unary_calls():
     with pytest.raises(ValueError, match="--max-streams"):
         _server(auth_token="", max_streams=16, max_workers=16)
+
+
+def test_a_new_channel_reaches_a_restarted_service_at_once():
+    """A channel whose service died keeps retrying with a backoff; a new channel to the service, once it
+    is back on the same port, must not inherit that backoff (gRPC shares connections between channels
+    by default), and the old channel reconnects within seconds, not minutes."""
+    from services.common.rpc import MAX_RECONNECT_BACKOFF_MS
+    from services.coordinator.local import free_port
+
+    def check(channel) -> str:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return "SERVING"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    port = free_port()
+    old = make_channel(f"localhost:{port}")
+    assert [check(old) for _ in range(3)] == ["UNAVAILABLE"] * 3   # nobody there: it backs off
+    server = Server([], host="localhost", port=port)
+    try:
+        assert check(make_channel(f"localhost:{port}")) == "SERVING"
+        deadline = time.monotonic() + MAX_RECONNECT_BACKOFF_MS / 1000 * 1.5 + 5
+        while check(old) != "SERVING":
+            assert time.monotonic() < deadline, "the old channel did not reconnect within its backoff"
+            time.sleep(0.2)
+    finally:
+        server.stop(0)
