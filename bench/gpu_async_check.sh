@@ -9,7 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD:$PWD/protos PYTHONUNBUFFERED=1
 out=${OUT:-bench/results}
 nvidia-smi -L
-common=(--shape qwen3-0.6b --samples 64 --max-response 256 --steps 10 --repeats 1 --modes sync async async+tis)
+# random init: the toy reward is 0, so an entropy bonus makes the gradients (and the weights) move
+common=(--shape qwen3-0.6b --samples 64 --max-response 256 --steps 10 --repeats 1 --modes sync async async+tis
+        --set models.policy_trainer.entropy_coef=0.01)
 case "$1" in
 1gpu) python3 bench/async_loop.py --trainer-device cuda:0 --rollout-devices cuda:0 "${common[@]}" \
         --out "$out/async_loop_1gpu.json" > "$out/async_loop_1gpu.log"; tail -5 "$out/async_loop_1gpu.log" ;;

@@ -48,7 +48,7 @@ from services.common.weight_sync import Rendezvous  # noqa: E402
 from services.coordinator.advantages import group_normalized_advantages  # noqa: E402
 from services.coordinator.clients import RolloutPool, TrainerClient  # noqa: E402
 from services.coordinator.local import ROOT, LocalCluster  # noqa: E402
-from services.coordinator.steps import check_versions, logprob_agreement, optimizer_steps, to_sequences  # noqa: E402
+from services.coordinator.steps import logprob_agreement, optimizer_steps, to_sequences  # noqa: E402
 from services.coordinator.sync import WeightSync  # noqa: E402
 
 SHAPES = {
@@ -132,9 +132,13 @@ def run_variant(name: str, ctx: dict, args) -> dict:
     for k in range(args.warmup + args.steps):
         times: dict[str, float] = {}
         sampling = pb.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.max_tokens, seed=100 + k)
+        if release and k:   # the KV cache wakes only before generating (as placement.Colocated does)
+            with mem.phase("wake_kv", times):
+                reports["wake_kv"] = rollout.call("WakeUp", rpb.WakeUpRequest(tags=["kv_cache"]), "memory")
         with mem.phase("rollout", times):
             samples = pool.generate(prompts, sampling, args.n, tag=f"{name}-{k}")
-        check_versions(samples, version, k)
+        assert all(s.version == version for s in samples), "a sample of another version than the one synced"
+
         if release:
             with mem.phase("sleep", times):
                 reports["sleep"] = rollout.call("Sleep", rpb.SleepRequest(level=args.sleep_level), "memory")
@@ -144,15 +148,16 @@ def run_variant(name: str, ctx: dict, args) -> dict:
                 if probe_before is not None and roundtrip is None:   # Offload, Onload: bit-identical logprobs
                     roundtrip = float((trainer.logprobs(probe) - probe_before).abs().max())
         with mem.phase("agreement", times):
-            agreement = logprob_agreement(trainer, samples, k=4, threshold=float("inf"), temperature=1.0)
+            agreement = logprob_agreement(trainer, samples, k=4, threshold=float("inf"), temperature=1.0,
+                                          trainer_version=version)
         rewards = torch.rand(len(samples), generator=torch.Generator().manual_seed(k))
         advantages = group_normalized_advantages(rewards, args.n)
         with mem.phase("train", times):
             train = [trainer.train(mbs) for mbs in optimizer_steps(to_sequences(samples, advantages), cfg, k)]
         version += len(train)
         if release:
-            with mem.phase("wake", times):
-                reports["wake"] = rollout.call("WakeUp", pb.Empty(), "memory")
+            with mem.phase("wake", times):   # the weights only: the sync lands in them beside the trainer's state
+                reports["wake"] = rollout.call("WakeUp", rpb.WakeUpRequest(tags=["weights"]), "memory")
         with mem.phase("sync", times):
             synced = sync.sync(version)
         if release and gpu:
@@ -170,11 +175,11 @@ def run_variant(name: str, ctx: dict, args) -> dict:
     if release:
         if gpu:
             trainer.call("Onload", pb.Empty(), "memory")
-        rollout.call("WakeUp", pb.Empty(), "memory")
+        rollout.call("WakeUp", rpb.WakeUpRequest(), "memory")
     ctx["version"] = version
     timed = steps[args.warmup:] or steps
-    keys = ["step", "rollout", "agreement", "train", "sync", "sleep", "wake", "onload", "offload", "send", "receive",
-            "commit"]
+    keys = ["step", "rollout", "agreement", "train", "sync", "sleep", "wake", "wake_kv", "onload", "offload", "send",
+            "receive", "commit"]
     return {"variant": name, "transport": sync.kind, "steps": steps,
             "median_seconds": {k: median(timed, k) for k in keys if median(timed, k) is not None},
             "sync_bytes": timed[-1]["sync_bytes"], "max_agreement_diff": max(r["agreement_max_abs_diff"] for r in steps),

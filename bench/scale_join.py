@@ -7,7 +7,7 @@ start to its join; the weight sync of the join step, which rebuilds the group, a
         --max-response 512 --steps-per-phase 6                               # replicas sharing one GPU
 
 Every service runs on --device; on one GPU the trainer and all replicas share it (the weights then go
-over gloo through host memory, as the coordinator decides for members sharing a GPU). Prints a table
+through CUDA IPC, as the coordinator plans for members on the trainer's GPU). Prints a table
 last; writes JSON to --out and to $OUT/scale_join.json when OUT is set.
 """
 from __future__ import annotations

@@ -91,7 +91,7 @@ class WeightSync:
             return False
         return not self.rollouts.run_id or info.run_id == self.rollouts.run_id
 
-    def _plan(self, replicas: list[Rollout], ipc: bool) -> list[pb.WeightSyncPlan]:
+    def _plan(self, replicas: list[Rollout], ipc: bool = True) -> list[pb.WeightSyncPlan]:
         infos, errors = concurrently([(self.trainer, functools.partial(self.trainer.call, "GetInfo", pb.Empty())),
                                       *[(r, functools.partial(r.call, "GetInfo", pb.Empty())) for r in replicas]])
         if errors:

@@ -244,7 +244,7 @@ def test_fuzz_every_rpc_after_setup(services, deployment):
     probe = good_batch()
     before = snapshot(services, trainer, pool, probe)
     step = before["trainer_step"]
-    plan = sync._plan()[0]   # a real plan, as the coordinator would hand it out (a fresh group id, unused)
+    plan = sync._plan(list(pool.replicas))[0]   # a real plan, as the coordinator would hand it out (a fresh group id, unused)
     port = closed_port()
     t, rollouts, coord = trainer.stub, [r.stub for r in pool.replicas], services.coord()
 

@@ -88,7 +88,7 @@ def test_the_cpu_compose_demo_runs_across_hosts(deployment):
     proc = demo.procs[0]
     proc.wait(timeout=900)
     log = d.project.log_tail(demo, 200)
-    assert "summary: mean reward" in log, log
+    assert "summary: mean training reward" in log, log
     run_id = log.split("run ", 1)[1].split(":", 1)[0]
     info = d.coord().GetRun(cpb.RunRef(run_id=run_id))
     assert info.state == cpb.FINISHED, info.error
