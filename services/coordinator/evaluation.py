@@ -96,8 +96,9 @@ class Evaluation:
                                                    interval=ra.eval_episode_interval)
 
     def at(self, step: int, run: Run, rollouts: RolloutPool) -> None:
-        """Evaluates and records the result in `run` when `step` is an evaluation point."""
-        if not self.due(step):
+        """Evaluates and records the result in `run` when `step` is an evaluation point (once: a run that a
+        restart resumed at an evaluated step keeps that evaluation)."""
+        if not self.due(step) or run.evaluated(step):
             return
         dropped = self.prompts.dropped
         run.log(f"evaluating {len(self.prompts.records)} held-out prompts after step {step}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -87,10 +88,19 @@ class Run:
             self.persist()
         for listener in self.listeners:
             listener(self, step, metrics)
+    def evaluated(self, step: int) -> bool:
+        """Whether the held-out evaluation after `step` is recorded (a restart resuming at `step` keeps it)."""
+        return os.path.exists(os.path.join(self.run_dir, "eval", f"step-{step}.jsonl"))
+
     def rollback(self, episode: int, message: str) -> None:
         """The run goes on after `episode` (a restart resumed it from that checkpoint): the records of later
-        steps leave metrics.jsonl (those steps are redone), and an event says so with `message`."""
+        steps leave metrics.jsonl and eval/ (those steps are redone), and an event says so with `message`."""
         with self.cond:
+            evals = os.path.join(self.run_dir, "eval")
+            for name in os.listdir(evals) if os.path.isdir(evals) else []:
+                match = re.fullmatch(r"step-(\d+)\.jsonl", name)
+                if match and int(match.group(1)) > episode:
+                    os.remove(os.path.join(evals, name))
             path = os.path.join(self.run_dir, "metrics.jsonl")
             kept: list[dict] = []
             if os.path.exists(path):

@@ -61,6 +61,17 @@ def _recorded_run(tmp_path):
     return store, run
 
 
+def test_a_rollback_keeps_the_evaluations_up_to_its_episode_and_drops_later_ones(tmp_path):
+    """A restart resumes the run at episode 1: the evaluation at step 0 stays (and is not redone), the
+    one after step 2 leaves with step 2's records, so the redone step 2 evaluates again."""
+    _, run = _recorded_run(tmp_path)
+    assert run.evaluated(0) and run.evaluated(2) and not run.evaluated(1)
+    run.rollback(1, "resumed from checkpoint-1")
+    assert run.evaluated(0) and not run.evaluated(2)
+    rows = read_metrics(os.path.join(run.run_dir, "metrics.jsonl"))
+    assert [(r["step"], "eval/accuracy" in r) for r in rows] == [(0, True), (1, False)]
+
+
 def test_eval_results_reach_metrics_getrun_and_watchrun(tmp_path):
     store, run = _recorded_run(tmp_path)
     assert run.run_id.startswith("my-exp-")          # runtime_args.exp_name names the run and its directory
