@@ -150,8 +150,47 @@ def build(args, model_dir: str, *extra: str, attn: str = "sdpa") -> FSDPBackend:
     return FSDPBackend(load_config(overrides=overrides), args.device)
 
 
-def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, peak: float | None) -> dict:
-    """warmup + steps train steps on the same micro-batches; step 1's loss is the starting weights'."""
+# GPU kernels by what they do, matched on their names (first match wins; the rest is "other")
+KERNEL_KINDS = [("optimizer (AdamW)", ("adam", "multi_tensor")), ("nccl / copies / casts", ("nccl", "memcpy", "memset",
+                "copy", "cast", "convert", "fill")), ("attention", ("flex", "attention", "fmha", "flash", "sdpa")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90")),
+                ("reductions", ("reduce", "softmax", "logsumexp", "norm")), ("fused elementwise (triton)", ("triton",)),
+                ("elementwise", ("elementwise", "vectorized", "unrolled"))]
+
+
+def profile_step(backend: FSDPBackend, mbs) -> dict:
+    """One more train step under torch.profiler: the GPU's kernel time by kind, against the step's wall
+    time (the rest is the GPU idle: launches, host work, waits)."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = backend.device
+    if dev.type != "cuda":
+        return {"error": "GPU only"}
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        backend.train_step(mbs)
+        sync(dev)
+        wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        name = e.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+        top.append((us / 1e6, e.key[:120]))
+    busy = sum(kinds.values())
+    return {"wall_seconds": wall, "gpu_busy_seconds": busy, "gpu_idle_frac": 1 - busy / wall,
+            "seconds_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"seconds": s, "kernel": k} for s, k in sorted(top, reverse=True)[:15]]}
+
+
+def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, peak: float | None,
+              profiled: bool = False) -> dict:
+    """warmup + steps train steps on the same micro-batches; step 1's loss is the starting weights'.
+    `profiled`: then one more step under the profiler (`profile_step`)."""
     dev, times, first = backend.device, [], None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -170,6 +209,8 @@ def run_steps(backend: FSDPBackend, mbs, warmup: int, steps: int, flops: float, 
            "mfu": flops / med / (peak * 1e12) if peak else None}
     if dev.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    if profiled:
+        out["profile"] = attempt("profile", lambda: profile_step(backend, mbs))
     return out
 
 
@@ -215,7 +256,7 @@ def mfu_rows(args, model_dir: str, gc_on: bool, shape: dict, bins, peak: float |
                                                            "mean_abs_diff": float(diff.mean())}
             flops = model_flops(shape, n_params, [n for mb in mbs for n in mb.seq_lens])
             res = {"matmul_params": n_params, "model_flops_per_step": flops,
-                   **run_steps(backend, mbs, args.warmup, args.steps, flops, peak)}
+                   **run_steps(backend, mbs, args.warmup, args.steps, flops, peak, profiled=args.profile)}
             del backend
             return res
         rows.append({"gradient_checkpointing": gc_on, "attn": variant(attn, comp, head, adamw),
@@ -338,6 +379,8 @@ def main() -> None:
     add("--gc", nargs="+", type=int, choices=[0, 1], default=[0, 1], help="gradient checkpointing of the mfu rows")
     add("--pack", type=int, default=8192, help="models.policy_trainer.max_token_in_packing")
     add("--mfu-micro-batches", type=int, default=4, help="packed micro-batches per MFU step")
+    add("--profile", action="store_true", help="the mfu rows: one more step under torch.profiler, the GPU's "
+        "kernel time by kind (matmul, attention, optimizer, copies, ...) and its idle fraction")
     add("--warmup", type=int, default=2)
     add("--steps", type=int, default=3)
     add("--samples", type=int, default=256, help="samples per step in the packed/padded part")
@@ -391,6 +434,12 @@ def summary(r: dict) -> None:
         print(f"mfu  gc={'on ' if row['gradient_checkpointing'] else 'off'} {row['attn']:<40}", err(row) if "error" in
               row else f"{row['useful_tokens_per_s']:>9.0f} tok/s {row['model_tflops_per_s']:6.1f} TFLOPS  "
               f"MFU {f(row['mfu'], '.1%')}  mem {f(row.get('peak_memory_gib'), '.1f')} GiB")
+    for row in r.get("mfu", {}).get("rows", []):
+        prof = row.get("profile")
+        if prof and "error" not in prof:
+            kinds = ", ".join(f"{k} {v / prof['wall_seconds']:.0%}" for k, v in prof["seconds_by_kind"].items())
+            print(f"mfu  profile {row['attn']}: step {prof['wall_seconds']:.3f} s, GPU idle "
+                  f"{prof['gpu_idle_frac']:.0%}; {kinds}")
     for attn, row in r.get("mfu", {}).get("attn_logprobs", {}).items():
         if attn != "reference":
             print(f"mfu  logprobs {attn} packed vs alone:", err(row) if "error" in row else
