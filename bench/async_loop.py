@@ -25,15 +25,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transformers import AutoConfig  # noqa: E402
 
-from bench.common import machine, pin_gpu, write_result  # noqa: E402
+from bench.common import machine, pin_gpu, toy_tokenizer_model, write_result  # noqa: E402
 from bench.gpu_trainer import SHAPES  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
 from rlgrid.v1 import coordinator_pb2_grpc  # noqa: E402
 from services.common.rpc import make_channel  # noqa: E402
-from services.common.tiny_model import build_tiny_model  # noqa: E402
-from services.coordinator.data import make_toy_dataset, toy_vocabulary  # noqa: E402
+from services.coordinator.data import make_toy_dataset  # noqa: E402
 from services.coordinator.local import ROOT, LocalCluster  # noqa: E402
 
 MODES = {
@@ -63,17 +61,6 @@ def summarise(runs: list[list[dict]]) -> dict:
     return out
 
 
-def build_model(path: str, shape: str) -> str:
-    """The demo's tiny model (toy), or a Qwen3 shape with the toy tokenizer (random init, config only)."""
-    build_tiny_model(path, toy_vocabulary(), with_weights=False)
-    if shape != "toy":
-        tiny = AutoConfig.from_pretrained(path)
-        spec = dict(SHAPES[shape])
-        AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=8192, **spec,
-                             eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
-                             bos_token_id=tiny.bos_token_id).save_pretrained(path)
-    return path
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rlgrid-async-")
     data = make_toy_dataset(os.path.join(work, "toy.jsonl"), n=max(128, args.samples), seed=0)
-    model = build_model(os.path.join(work, "model"), args.shape)
+    model = toy_tokenizer_model(os.path.join(work, "model"), args.shape)
     cluster = LocalCluster(os.path.join(work, "logs"), roots=[work])
     runs: dict[str, list[list[dict]]] = {m: [] for m in args.modes}
     load: dict[str, list[float]] = {m: [] for m in args.modes}

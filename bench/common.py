@@ -33,3 +33,22 @@ def pin_gpu(device: str) -> tuple[dict, str]:
     if device.startswith("cuda:"):
         return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}, "cuda:0"
     return {}, device
+
+
+def toy_tokenizer_model(path: str, shape: str) -> str:
+    """The demo's tiny model (shape "toy"), or a bench.gpu_trainer SHAPES config (random init, written as a
+    config only) with the toy tokenizer: for timing runs, where the rewards mean nothing."""
+    from transformers import AutoConfig
+
+    from bench.gpu_trainer import SHAPES
+    from services.common.tiny_model import build_tiny_model
+    from services.coordinator.data import toy_vocabulary
+
+    build_tiny_model(path, toy_vocabulary(), with_weights=False)
+    if shape != "toy":
+        tiny = AutoConfig.from_pretrained(path)
+        spec = dict(SHAPES[shape])
+        AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=8192, **spec,
+                             eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
+                             bos_token_id=tiny.bos_token_id).save_pretrained(path)
+    return path

@@ -21,15 +21,13 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transformers import AutoConfig  # noqa: E402
 
-from bench.common import machine, write_result  # noqa: E402
+from bench.common import machine, toy_tokenizer_model, write_result  # noqa: E402
 from bench.gpu_trainer import SHAPES  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
 from rlgrid.v1 import coordinator_pb2_grpc  # noqa: E402
 from services.common.rpc import make_channel  # noqa: E402
-from services.common.tiny_model import build_tiny_model  # noqa: E402
-from services.coordinator.data import make_toy_dataset, toy_vocabulary  # noqa: E402
+from services.coordinator.data import make_toy_dataset  # noqa: E402
 from services.coordinator.local import ROOT, LocalCluster  # noqa: E402
 
 
@@ -68,17 +66,6 @@ class Events:
                 self.cond.wait(1.0)
 
 
-def build_model(work: str, shape: str) -> str:
-    path = os.path.join(work, "model")
-    build_tiny_model(path, toy_vocabulary(), with_weights=False)
-    if shape != "toy":   # a real model shape (random init), the toy tokenizer: for timing only
-        tiny = AutoConfig.from_pretrained(path)
-        spec = dict(SHAPES[shape])
-        AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=8192, **spec,
-                             eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
-                             bos_token_id=tiny.bos_token_id).save_pretrained(path)
-    return path
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="rlgrid-scale-")
     data = make_toy_dataset(os.path.join(work, "toy.jsonl"), n=max(256, args.samples))
-    model = build_model(work, args.shape)
+    model = toy_tokenizer_model(os.path.join(work, "model"), args.shape)
     gpu = args.device.startswith("cuda")
     env = {"CUDA_VISIBLE_DEVICES": args.device.split(":", 1)[1]} if ":" in args.device and gpu else {}
     device = "cuda:0" if gpu else args.device
