@@ -42,6 +42,19 @@ class Services:
             time.sleep(0.2)
         raise RuntimeError(f"workers did not register: want {want}, have {have}")
 
+    def start_extra_rollout(self, name: str):
+        """One more replica for a single test (it registers with the coordinator before this returns);
+        the test stops it, and the coordinator drops it from the worker list once it is silent."""
+        extra = self.cluster.start(name, "services.rollout", "--coordinator", self.coordinator.address,
+                                   "--device", "cpu")
+        self.cluster.wait_healthy(extra)
+        self.rollouts.append(extra)
+        try:
+            self.wait_workers()
+        finally:
+            self.rollouts.remove(extra)
+        return extra
+
     def run_to_end(self, run_id: str, timeout: float = 300.0) -> tuple[cpb.RunInfo, list[cpb.RunEvent]]:
         events = list(self.coord().WatchRun(cpb.WatchRunRequest(run_id=run_id), timeout=timeout))
         return self.coord().GetRun(cpb.RunRef(run_id=run_id)), events

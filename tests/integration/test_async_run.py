@@ -141,14 +141,7 @@ def test_async_run_survives_a_replica_dying(services, toy, demo_yaml, tmp_path):
     """A third replica is killed after step 2 is recorded, while step 3 trains and the batch of step 4 is
     (or is about to be) generated: its prompts are regenerated elsewhere, the sync group is rebuilt, and
     the versions stay one episode behind."""
-    extra = services.cluster.start("rollout-extra-async", "services.rollout", "--coordinator",
-                                   services.coordinator.address, "--device", "cpu")
-    services.cluster.wait_healthy(extra)
-    services.rollouts.append(extra)
-    try:
-        services.wait_workers()
-    finally:
-        services.rollouts.remove(extra)
+    extra = services.start_extra_rollout("rollout-extra-async")
     run = _start(services, toy, demo_yaml, tmp_path, **{"runtime_args.num_episode": 8})
     steps = []
     for e in services.coord().WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=300):

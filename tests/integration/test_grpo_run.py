@@ -121,14 +121,7 @@ def test_restarted_coordinator_lists_runs(services, tmp_path):
 def test_run_survives_a_replica_dying(services, toy, demo_yaml, tmp_path):
     """A third replica is killed mid-run: its prompts are regenerated elsewhere, it leaves the
     weight-sync group, and the run finishes on the other two with nothing trained twice."""
-    extra = services.cluster.start("rollout-extra", "services.rollout", "--coordinator",
-                                   services.coordinator.address, "--device", "cpu")
-    services.cluster.wait_healthy(extra)
-    services.rollouts.append(extra)
-    try:
-        services.wait_workers()
-    finally:
-        services.rollouts.remove(extra)
+    extra = services.start_extra_rollout("rollout-extra")
     coord = services.coord()
     overrides = demo_overrides(toy, str(tmp_path), **{"runtime_args.num_episode": 8})
     run = coord.StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
