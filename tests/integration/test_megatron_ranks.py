@@ -184,6 +184,21 @@ def test_pp2_trains_like_one_rank_syncs_its_stages_and_resumes_at_pp1(ranks, toy
     _train_alike(stubs, [33], keys=("loss", "grad_norm"))
 
 
+def test_pp2_with_qwen3_moe_trains_like_one_rank(ranks, tmp_path):
+    """Qwen3-MoE split into two stages (its experts whole on each), against one rank."""
+    stubs = ranks["stubs"]
+    moe = build_tiny_model(str(tmp_path / "moe"), TINY_WORDS, arch="qwen3_moe", seed=4)
+    base = [f"models.policy.load={moe}", MEGATRON, "models.policy_trainer.optimizer.lr=0.01",
+            "models.policy_trainer.optimizer.weight_decay=0.0", "models.policy_trainer.kl_coef=0.1"]
+    _setup(stubs[0], "moe-pp1", base)
+    _setup(stubs[1], "moe-pp2", base + ["models.policy_trainer.pipeline_model_parallel_size=2"])
+    probe = batches.to_proto(_step(96)[0])
+    torch.testing.assert_close(*(_logprobs(s, probe) for s in stubs), atol=1e-6, rtol=0)
+    _train_alike(stubs, [5, 6])
+    torch.testing.assert_close(*(_logprobs(s, probe) for s in stubs), atol=1e-4, rtol=0)
+    _synced_alike(stubs, atol=1e-4)   # experts fused per layer, as transformers holds them
+
+
 def test_grpo_run_with_a_tp2_megatron_trainer(ranks, toy, demo_yaml):
     coord = coordinator_pb2_grpc.CoordinatorServiceStub(ranks["cluster"].channel(ranks["coord"]))
     overrides = demo_overrides(toy, str(ranks["dir"] / "out"), **{
