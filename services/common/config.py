@@ -363,9 +363,6 @@ MOVED = {
 # Accepted by the schema but not implemented yet: delete a row when its feature lands.
 # (dotted key, predicate on (value, whole config), message with {key} {value} {backend} filled in)
 NOT_IMPLEMENTED: list[tuple[str, Callable[[Any, RLConfig], bool], str]] = [
-    ("models.policy_trainer.pipeline_model_parallel_size", lambda v, c: v > 1,
-     "{key}={value}: pipeline parallelism is not implemented in the megatron backend yet; use 1 and raise "
-     "models.policy_trainer.tensor_model_parallel_size instead"),
     ("models.policy.tensor_model_parallel_size",
      lambda v, c: v > 1 and c.models.policy.engine == "builtin",
      "{key}={value}: the built-in engine runs one device; use models.policy.engine=vllm"),

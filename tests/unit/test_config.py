@@ -268,9 +268,6 @@ def test_range_errors_name_key_and_range(override: str, expected: list[str]) -> 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        (("models.policy_trainer.backend=megatron", "models.policy_trainer.pipeline_model_parallel_size=2"),
-         "models.policy_trainer.pipeline_model_parallel_size=2: pipeline parallelism is not implemented in the "
-         "megatron backend yet"),
         (("models.policy.tensor_model_parallel_size=2",),
          "models.policy.tensor_model_parallel_size=2: the built-in engine runs one device; "
          "use models.policy.engine=vllm"),
@@ -281,8 +278,7 @@ def test_not_implemented_rows_raise(override: tuple[str, ...], expected: str) ->
 
 
 def test_every_not_implemented_row_is_tested() -> None:
-    tested = {"models.policy_trainer.pipeline_model_parallel_size",
-              "models.policy.tensor_model_parallel_size"}
+    tested = {"models.policy.tensor_model_parallel_size"}
     assert {key for key, _, _ in NOT_IMPLEMENTED} == tested
 
 

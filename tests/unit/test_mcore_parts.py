@@ -52,6 +52,12 @@ def test_layouts_that_do_not_divide_the_ranks_are_refused():
     with pytest.raises(LayoutError, match="tensor_model_parallel_size=2 x pipeline_model_parallel_size=1 does not "
                                           "divide the trainer's 3 rank"):
         Layout(world=3, tp=2).check_world()
+    with pytest.raises(LayoutError, match="tensor_model_parallel_size=1 x pipeline_model_parallel_size=2 does not "
+                                          "divide the trainer's 1 rank"):
+        Layout(world=1, pp=2).check_world()   # PP=2 on a one-rank trainer: run it with two ranks (torchrun)
+    with pytest.raises(LayoutError, match="expert_tensor_parallel_size=1 x expert_model_parallel_size=2 x "
+                                          "pipeline_model_parallel_size=2 does not divide the trainer's 2 rank"):
+        Layout(world=2, pp=2, ep=2).check_world()
     with pytest.raises(LayoutError, match="has no experts"):
         Layout(world=2, ep=2).check_model(_dims(experts=0, moe_layers=(), dense_ffn=64))
 
@@ -87,6 +93,16 @@ def test_cpu_shims_put_megatrons_cuda_assumptions_on_the_cpu():
     assert public <= set(dir(cpu_shims.CPURNGStatesTracker)), public
     assert mrandom._get_cuda_rng_state is cpu_shims._no_cuda_rng_state
     assert mrandom._set_cuda_rng_state is cpu_shims._restore_nothing
+    # megatron's pipeline schedule: its p2p layer's torch.cuda.synchronize() and its token counter's
+    # literal device="cuda" (both would raise here)
+    torch.cuda.synchronize()
+    with cpu_shims.cuda_factories_on_cpu():
+        assert torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+        assert torch.ones(2, device=torch.device("cuda", 0)).device.type == "cpu"
+        assert torch.empty(1).device.type == "cpu"
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    assert 'device="cuda"' in inspect.getsource(schedules.forward_backward_pipelining_without_interleaving)
+    assert "torch.cuda.synchronize()" in inspect.getsource(p2p_communication.P2PCommunicator._communicate_shapes)
 
 
 # ---- the unpermute patch ----------------------------------------------------------------------------
@@ -222,7 +238,7 @@ def test_weight_gathers_stay_under_the_bucket_budget():
     from services.trainer.mcore.weights import Unit, _buckets
 
     sizes = [40, 10, 30, 100, 5, 5, 60, 1]
-    units = [Unit([f"t{i}"], [], lambda g: [], n) for i, n in enumerate(sizes)]
+    units = [Unit([f"t{i}"], [], lambda g: [], n, [(n,)]) for i, n in enumerate(sizes)]
     buckets = list(_buckets(units, budget=64))
     assert [u for b in buckets for u in b] == units
     for b in buckets:

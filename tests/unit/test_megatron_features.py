@@ -185,12 +185,13 @@ def test_oom_names_the_keys_to_change(tiny_model_dir, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(backend, "_logprobs", oom)
+    monkeypatch.setattr(backend, "_forward", oom)
     before, step = _params(backend), backend.step
     with pytest.raises(OutOfMemoryGuidance) as info:
         backend.train_step(step_batches(1))
     message = str(info.value)
     for needle in ("max_token_in_packing (now 4321)", "tensor_model_parallel_size (now 1)",
+                   "pipeline_model_parallel_size (now 1)",
                    "recompute_granularity=full"):
         assert needle in message, message
     assert backend.step == step and all(torch.equal(before[n], t) for n, t in _params(backend).items())

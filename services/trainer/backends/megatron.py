@@ -1,6 +1,6 @@
 """Megatron-core trainer backend (`models.policy_trainer.backend=megatron`): megatron's GPTModel with
-tensor, sequence and expert parallelism (TP, SP, EP, ETP) and data parallelism over the remaining
-ranks, the same GRPO loss as FSDP (services/trainer/loss.py), the same optimizer and schedule
+tensor, sequence, expert and pipeline parallelism (TP, SP, EP, ETP, PP) and data parallelism over the
+remaining ranks, the same GRPO loss as FSDP (services/trainer/loss.py), the same optimizer and schedule
 (services/trainer/optim.py), weights in and out through the conversion table (services/trainer/convert).
 
 Packed rows go in as THD: the flat tokens with `cu_seqlens`, attention per sequence (mcore/attention.py),
@@ -8,6 +8,14 @@ rotary positions restarting per sequence. Under sequence parallelism a row is pa
 TP with a zero-loss filler sequence. bf16 compute runs under torch.autocast over fp32 parameters (the
 FSDP backend's fp32 master weights with bf16 matmuls). The LM head runs only at the positions the loss
 reads (GPTModel's `output_processor`), gathered over the vocabulary's TP shards for the shared loss code.
+
+Every forward and backward runs through megatron-core's own schedule (`get_forward_backward_func`: at
+PP=1 forward then backward per micro-batch, at PP>1 the non-interleaved 1F1B pipeline, exchanging each
+activation's shape first because packed rows differ in length). The first stage embeds, the last runs
+the head and the loss (services/trainer/loss.py, the same per-token normalisation over the step's
+`num_global_tokens`) and sends the step's metrics to the other stages, so rank 0 (a first stage)
+reports them. Pipeline stages idle while the pipe fills and drains: with m micro-batches per rank and
+optimizer step and p stages, a step takes about (m + p - 1) micro-batch times instead of m.
 """
 from __future__ import annotations
 
@@ -35,7 +43,14 @@ from services.trainer.mcore import cpu_shims, patches
 from services.trainer.mcore.checkpoint import Views
 from services.trainer.mcore.layout import Layout
 from services.trainer.mcore.model import build_gpt, transformer_config
-from services.trainer.mcore.parallel import clip_grads, finish_grads, init_parallel
+from services.trainer.mcore.parallel import (
+    clip_grads,
+    finish_grads,
+    init_parallel,
+    retie,
+    sum_tied_grads,
+    tied_embedding,
+)
 from services.trainer.mcore.weights import (
     checkpoint_units,
     gather_units,
@@ -55,7 +70,8 @@ def oom_guidance(cfg: RLConfig, layout: Layout) -> str:
     size = (f"lower {KEY}.max_token_in_packing (now {t.max_token_in_packing})" if t.packing else
             f"lower runtime_args.train_micro_batch_size (now {cfg.runtime_args.train_micro_batch_size})")
     return (f"CUDA out of memory while training (backend=megatron, {layout.describe()}): {size}, or raise "
-            f"{KEY}.tensor_model_parallel_size (now {layout.tp}), or set {KEY}.recompute_granularity=full")
+            f"{KEY}.tensor_model_parallel_size (now {layout.tp}) or {KEY}.pipeline_model_parallel_size (now "
+            f"{layout.pp}), or set {KEY}.recompute_granularity=full")
 
 
 def _check_keys(t, dims: Dims) -> None:
@@ -120,14 +136,20 @@ class MegatronBackend(TrainerBackend):
         self.model = self._build(train=True)
         self.table = slots(self.model, self.dims, self.layout, self.coords)
         self._load_weights(self.table)
+        self._tied = tied_embedding(self.model)
+        retie(self._tied)
         self.ref = None
         if t.kl_coef > 0:   # a frozen copy of the policy, sharded like it
             self.ref = self._build(train=False)
             with torch.no_grad():
                 for name, slot in slots(self.ref, self.dims, self.layout, self.coords).items():
                     slot.tensor.copy_(self.table[name].tensor)
-        self.named = list(self.model.named_parameters())
-        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), cfg)
+                if self._tied is not None:
+                    tied_embedding(self.ref).copy_(self._tied)
+        # the optimizer's parameters: all but the last stage's copy of a tied embedding (parallel.retie)
+        copy = self._tied if self._tied is not None and self.model.post_process else None
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p is not copy]
+        self.optimizer, self.scheduler = build_optimizer([p for _, p in self.named], cfg)
         self.loss_cfg = LossConfig.of(t)
         self._step = 0
         self._specs = [ParamMeta(n, self.compute_dtype, s) for n, s in hf_param_specs(t.load, self.compute_dtype)]
@@ -143,7 +165,7 @@ class MegatronBackend(TrainerBackend):
                                     init_std=getattr(self.hf_config, "initializer_range", 0.02),
                                     cpu=self.device.type == "cpu" or meta)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = build_gpt(self.dims, t, self.layout, config)
+            model = build_gpt(self.dims, t, self.layout, config, self.coords.pp)
         if meta:
             model.to_empty(device=self.device)
         else:
@@ -172,9 +194,10 @@ class MegatronBackend(TrainerBackend):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def _logprobs(self, model, mb: MicroBatch, targets: torch.Tensor, with_entropy: bool):
-        """Logprobs (and entropies) of the tokens at `targets` (positions whose predecessor is in the same
-        sequence) under `model`, for the micro-batch's packed row."""
+    def _forward(self, model, mb: MicroBatch, targets: torch.Tensor) -> torch.Tensor:
+        """This stage's forward of the micro-batch's packed row: on the last stage the logits [len(targets),
+        vocab] at `targets` (positions whose predecessor is in the same sequence), elsewhere the hidden
+        states for the next stage (the previous stage's arrive through megatron's `set_input_tensor`)."""
         from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -204,8 +227,49 @@ class MegatronBackend(TrainerBackend):
             return logits[:, 0, :vocab]
 
         with self._autocast():
-            logits = model(ids[None], pos[None], None, packed_seq_params=packed, output_processor=head)
-        return selected_logprobs_and_entropy(logits, ids[targets], mb.temperature, with_entropy)
+            out = model(ids[None], pos[None], None, packed_seq_params=packed, output_processor=head)
+        return out if model.post_process else out.float()   # the schedule's pipeline_dtype
+
+    def _schedule(self, model, micro_batches: list[MicroBatch], targets_of, on_logits, forward_only: bool) -> list:
+        """Runs the micro-batches through megatron's schedule (every rank of the model calls it). On the last
+        stage `on_logits(i, mb, targets, logits)` gets each micro-batch's logits at `targets_of(mb)` and
+        returns its (loss, metrics) when training, or what to collect when `forward_only`. Returns what was
+        collected, in micro-batch order (on the last stage; [] elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data, module):
+            i, mb = next(data)
+            targets = targets_of(mb).to(self.device)
+            out = self._forward(module, mb, targets)
+
+            def loss_func(logits, non_loss_data=False):
+                with torch.autocast(self.device.type, enabled=False):   # the loss in float32, as on FSDP
+                    return on_logits(i, mb, targets, logits)
+            return out, loss_func
+
+        n = len(micro_batches)
+        # the schedule divides each micro-batch's loss (and the MoE aux loss's scale) by the number of
+        # micro-batches; ours already is its share of the step's token mean, so the backward multiplies it
+        # back (exactly: the gradient reaching the loss is n / n = 1)
+        model.config.grad_scale_func = None if forward_only else (lambda loss: loss * n)
+        # megatron's linear layers restore autocast in backward for CUDA only (custom_bwd with
+        # device_type="cuda"); on a CPU trainer in bf16 the backward runs in the same region instead
+        region = self._autocast() if self.device.type == "cpu" else contextlib.nullcontext()
+        with cpu_shims.cuda_factories_on_cpu(), region:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(enumerate(micro_batches)), model=model,
+                num_microbatches=n, seq_length=0, micro_batch_size=1,   # (shapes travel: variable_seq_lengths)
+                forward_only=forward_only, collect_non_loss_data=forward_only)
+
+    def _from_last_stage(self, value):
+        """`value` as the last pipeline stage has it, on every stage (an object; every rank calls it)."""
+        if self.layout.pp == 1:
+            return value
+        from megatron.core import parallel_state as ps
+        group = ps.get_pipeline_model_parallel_group()
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, self.layout.pp - 1), group=group)
+        return box[0]
 
     def _row_width(self, n: int, sp: bool) -> int:
         """The row's length as run: megatron's allgather token dispatcher gathers equal shapes over the
@@ -230,69 +294,79 @@ class MegatronBackend(TrainerBackend):
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> dict[str, float]:
         start = time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         share = 1 / (self.layout.tp * self.layout.pp)   # ranks of one data-parallel replica report once
         totals: dict[str, float] = {}
-        tokens = count = 0.0
+        targets_of = lambda mb: self._loss_targets(mb)[0]  # noqa: E731
+
+        def loss_of(i: int, mb: MicroBatch, targets: torch.Tensor, logits: torch.Tensor):
+            lp, ent = selected_logprobs_and_entropy(logits, mb.input_ids.to(self.device)[targets], mb.temperature,
+                                                    True)
+            if self.loss_cfg.entropy_coef == 0:
+                ent = ent.detach()
+            full = lambda x: x.new_zeros(mb.num_tokens).scatter(0, targets, x)  # noqa: E731
+            prox = mb.proximal_logprobs.to(self.device) if mb.proximal_logprobs is not None else None
+            loss, metrics = policy_loss(full(lp), mb.old_logprobs.to(self.device), mb.advantages.to(self.device),
+                                        mb.loss_mask.to(self.device), cfg=self.loss_cfg,
+                                        num_global_tokens=mb.num_global_tokens,
+                                        ref_logprobs=full(refs[i]) if refs is not None else None, entropy=full(ent),
+                                        proximal_logprobs=prox)
+            combine_metrics(totals, metrics, share)
+            return loss, metrics
+
         try:
-            for mb in micro_batches:
-                targets, real = self._loss_targets(mb)
-                targets = targets.to(self.device)
-                ref = None
-                if self.ref is not None:
-                    with torch.no_grad():
-                        ref, _ = self._logprobs(self.ref, mb, targets, with_entropy=False)
-                lp, ent = self._logprobs(self.model, mb, targets, with_entropy=True)
-                if self.loss_cfg.entropy_coef == 0:
-                    ent = ent.detach()
-                n = mb.num_tokens
-                full = lambda x: x.new_zeros(n).scatter(0, targets, x)  # noqa: E731
-                mask = mb.loss_mask.to(self.device)
-                prox = mb.proximal_logprobs.to(self.device) if mb.proximal_logprobs is not None else None
-                loss, metrics = policy_loss(full(lp), mb.old_logprobs.to(self.device), mb.advantages.to(self.device),
-                                            mask, cfg=self.loss_cfg, num_global_tokens=mb.num_global_tokens,
-                                            ref_logprobs=full(ref) if ref is not None else None, entropy=full(ent),
-                                            proximal_logprobs=prox)
-                # megatron's linear layers restore autocast in backward for CUDA only (custom_bwd with
-                # device_type="cuda"); on a CPU trainer in bf16 the backward runs in the same region instead
-                with self._autocast() if self.device.type == "cpu" else contextlib.nullcontext():
-                    loss.backward()
-                combine_metrics(totals, metrics, share)
-                tokens += mb.num_tokens * share
-                count += share
+            mbs = list(micro_batches)
+            if not mbs:
+                raise ValueError("Train received no micro-batches")
+            refs = None
+            if self.ref is not None:   # the reference's logprobs of every micro-batch, on the last stage
+                with torch.no_grad():
+                    refs = self._schedule(self.ref, mbs, targets_of, self._selected_logprobs, forward_only=True)
+            self._schedule(self.model, mbs, targets_of, loss_of, forward_only=False)
         except torch.OutOfMemoryError as exc:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             raise OutOfMemoryGuidance(oom_guidance(self.cfg, self.layout)) from exc
         except BaseException:
-            self.optimizer.zero_grad(set_to_none=True)   # a failed step changes nothing
+            self.model.zero_grad(set_to_none=True)   # a failed step changes nothing
             raise
-        if count == 0:
-            raise ValueError("Train received no micro-batches")
+        totals = self._from_last_stage(totals)
         clip = self.cfg.models.policy_trainer.optimizer.clip_grad
         lr = self.optimizer.param_groups[0]["lr"]
         try:
+            sum_tied_grads(self._tied)
             finish_grads(self.named, self.cfg.models.policy_trainer.sequence_parallel)
             norm = clip_grads(self.named, self.layout, clip if clip > 0 else float("inf"))
             self.optimizer.step()
         except torch.OutOfMemoryError as exc:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             raise OutOfMemoryGuidance(oom_guidance(self.cfg, self.layout)) from exc
+        retie(self._tied)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         self._step += 1
-        totals.update(grad_norm=norm, tokens=tokens, micro_batches=count, lr=lr, seconds=time.perf_counter() - start)
+        totals.update(grad_norm=norm, tokens=sum(mb.num_tokens for mb in mbs) * share, micro_batches=len(mbs) * share,
+                      lr=lr, seconds=time.perf_counter() - start)
         return totals
+
+    def _selected_logprobs(self, i: int, mb: MicroBatch, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return selected_logprobs_and_entropy(logits, mb.input_ids.to(self.device)[targets], mb.temperature, False)[0]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: MicroBatch) -> torch.Tensor:
         self.model.eval()
         pos = position_ids_for(batch.seq_lens)
         targets = (pos > 0).nonzero().squeeze(1)
-        out = torch.zeros(batch.num_tokens, dtype=torch.float32)
+        out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
         if len(targets):
-            lp, _ = self._logprobs(self.model, batch, targets.to(self.device), with_entropy=False)
-            out[targets] = lp.float().cpu()
-        return out
+            collected = self._schedule(self.model, [batch], lambda mb: targets, self._selected_logprobs,
+                                       forward_only=True)
+            if collected:   # the last stage
+                out[targets.to(self.device)] = collected[0].float()
+            if self.layout.pp > 1:   # to every stage: rank 0 (a first stage) answers
+                from megatron.core import parallel_state as ps
+                group = ps.get_pipeline_model_parallel_group()
+                dist.broadcast(out, src=dist.get_global_rank(group, self.layout.pp - 1), group=group)
+        return out.cpu()
 
     def data_groups(self, world: int) -> list[int]:
         return self.layout.data_parallel_ranks()
@@ -339,6 +413,7 @@ class MegatronBackend(TrainerBackend):
         views = Views(self.table, self.dims.vocab, self.device)
         state = {"model": views.model(), "optim": views.optim(self.optimizer), "scheduler": self.scheduler.state_dict()}
         meta = checkpoint.load(path, state, self.device, "megatron")   # into views of the parameters and AdamW's state, any layout
+        retie(self._tied)
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr   # the schedule's position (the saved groups are not in the checkpoint)

@@ -1,7 +1,7 @@
-"""Megatron-core on a CPU-only host (CI, this repository's tests): two shims, installed once per process
-by `install()`, and only when torch has no CUDA device.
+"""Megatron-core on a CPU-only host (CI, this repository's tests): shims installed once per process by
+`install()`, and only when torch has no CUDA device, plus one scoped to megatron's pipeline schedule.
 
-megatron-core 0.19.2 assumes a GPU in two places that its CPU-capable code paths still reach:
+megatron-core 0.19.2 assumes a GPU in these places that its CPU-capable code paths still reach:
 1. Device placement: about 30 allocations name `torch.cuda.current_device()` directly (the global
    memory buffer of parallel_state, the all-gather outputs of tensor and sequence parallelism, the
    rotary embedding's `inv_freq`, which it moves "to the GPU" at the first forward, the MoE router's
@@ -15,7 +15,17 @@ megatron-core 0.19.2 assumes a GPU in two places that its CPU-capable code paths
    is none, so those two hand back an empty state and restore nothing (the CPU generator, which
    megatron restores itself, is the one in use).
 
-Nothing else changes; on a CUDA host `install()` does nothing. tests/unit/test_mcore_shims.py checks
+3. Pipeline schedule (`megatron.core.pipeline_parallel.schedules`, which the backend runs at every PP
+   size): its point-to-point layer calls `torch.cuda.synchronize()` after each exchange of shapes and
+   tensors (p2p_communication.py, "to protect against race condition when using batch_isend_irecv"),
+   which raises on a host without a CUDA driver; there gloo's `wait()` has already completed the
+   exchange, so `synchronize` does nothing. And every schedule allocates its token counter with a
+   literal `torch.zeros([], dtype=torch.int, device="cuda")` (schedules.py, at the top of
+   forward_backward_no_pipelining and forward_backward_pipelining_without_interleaving), which no
+   `current_device` shim reaches: `cuda_factories_on_cpu()` is a torch function mode, entered around
+   the schedule only, that sends such a factory call's `device="cuda"` to the CPU.
+
+Nothing else changes; on a CUDA host `install()` does nothing and `cuda_factories_on_cpu()` is empty. tests/unit/test_mcore_shims.py checks
 both against megatron-core (a later version that drops or renames these entry points fails there).
 """
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _installed = False
 
@@ -82,8 +93,28 @@ def _restore_nothing(*args, **kwargs) -> None:
     return None
 
 
+def _synchronize_nothing(*args, **kwargs) -> None:
+    return None
+
+
+class _CudaToCPU(TorchFunctionMode):
+    """Torch calls with `device="cuda"` (or a torch.device of type cuda) allocate on the CPU instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def cuda_factories_on_cpu():
+    """Shim 3's scope: around megatron's pipeline schedule on a host without CUDA (else does nothing)."""
+    return _CudaToCPU() if _installed else contextlib.nullcontext()
+
+
 def install() -> bool:
-    """Installs both shims on a host without CUDA; returns whether they are in place."""
+    """Installs the shims on a host without CUDA; returns whether they are in place."""
     global _installed
     if torch.cuda.is_available():
         return False
@@ -95,5 +126,6 @@ def install() -> bool:
         mrandom._set_cuda_rng_state = _restore_nothing
         mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+        torch.cuda.synchronize = _synchronize_nothing
         _installed = True
     return True

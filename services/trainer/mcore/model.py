@@ -49,7 +49,7 @@ def transformer_config(dims: Dims, t, layout: Layout, *, init: bool, init_std: f
                    moe_token_dispatcher_type="allgather",
                    moe_grouped_gemm=t.groupgemm, moe_permute_fusion=t.moe_permute_fusion,
                    moe_layer_freq=[int(i in dims.moe_layers) for i in range(dims.layers)])
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=dims.layers, hidden_size=dims.hidden, num_attention_heads=dims.heads,
         num_query_groups=dims.kv_heads, kv_channels=dims.head_dim,
         ffn_hidden_size=dims.dense_ffn or dims.expert_ffn, normalization="RMSNorm", layernorm_epsilon=dims.eps,
@@ -62,7 +62,17 @@ def transformer_config(dims: Dims, t, layout: Layout, *, init: bool, init_std: f
         params_dtype=torch.float32, perform_initialization=init, use_cpu_initialization=cpu, init_method_std=init_std,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+        # activations between pipeline stages are float32 (the residual stream of fp32 parameters, also under
+        # autocast); megatron's own initial tie of a split embedding and LM head moves the weight with `.cuda()`:
+        # the backend ties them itself instead (parallel.retie)
+        pipeline_dtype=torch.float32, init_model_with_meta_device=layout.pp > 1,
         **recompute, **moe)
+    # Packed rows differ in length from one micro-batch to the next: the pipeline schedule exchanges each
+    # activation's shape before it (p2p_communication reads nothing else of this flag). Set after
+    # construction because the config refuses it with the allgather token dispatcher, whose all-gathers
+    # need equal rows over the expert group; the backend pads MoE rows to the group's longest for that.
+    config.variable_seq_lengths = True
+    return config
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -89,17 +99,22 @@ def _layer_spec(dims: Dims, moe: bool, groupgemm: bool):
     return spec
 
 
-def block_spec(dims: Dims, groupgemm: bool) -> TransformerBlockSubmodules:
-    """Every layer's spec (MoE layers and dense ones, as the HF config places them) and the final norm."""
+def block_spec(dims: Dims, groupgemm: bool, layers: range | None = None) -> TransformerBlockSubmodules:
+    """The spec of each layer in `layers` (default: all; MoE layers and dense ones, as the HF config
+    places them) and the final norm (which megatron builds on the last pipeline stage only)."""
     dense, moe = _layer_spec(dims, False, groupgemm), _layer_spec(dims, True, groupgemm) if dims.experts else None
-    return TransformerBlockSubmodules(layer_specs=[moe if i in dims.moe_layers else dense for i in range(dims.layers)],
+    layers = range(dims.layers) if layers is None else layers
+    return TransformerBlockSubmodules(layer_specs=[moe if i in dims.moe_layers else dense for i in layers],
                                       layer_norm=RMSNorm)
 
 
-def build_gpt(dims: Dims, t, layout: Layout, config: TransformerConfig) -> GPTModel:
-    """This rank's part of the model (its TP shard, its experts)."""
-    return GPTModel(config, block_spec(dims, t.groupgemm), vocab_size=padded_vocab(dims.vocab, layout.tp),
-                    max_sequence_length=max(t.max_token_in_packing, 1), position_embedding_type="rope",
+def build_gpt(dims: Dims, t, layout: Layout, config: TransformerConfig, pp_rank: int = 0) -> GPTModel:
+    """This rank's part of the model: its pipeline stage's layers (the first stage embeds, the last holds
+    the final norm and the LM head), its TP shard, its experts."""
+    last = pp_rank == layout.pp - 1
+    return GPTModel(config, block_spec(dims, t.groupgemm, layout.layers_of(pp_rank, dims.layers)),
+                    vocab_size=padded_vocab(dims.vocab, layout.tp), max_sequence_length=max(t.max_token_in_packing, 1),
+                    pre_process=pp_rank == 0, post_process=last, position_embedding_type="rope",
                     rotary_base=dims.rope_theta, share_embeddings_and_output_weights=dims.tied)
 
 

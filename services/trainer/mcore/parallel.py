@@ -10,8 +10,14 @@ After the backward passes of a step:
    expert-data-parallel group. The loss is already each micro-batch's share of the step's token mean,
    so sums (not means) give the gradient of the global mean.
 The global gradient norm counts every element once: each rank sums the squares of what it owns
-(skipping tensor-parallel duplicates), the sums go over all ranks, and each part is divided by how
-many replicas hold it.
+(skipping tensor-parallel duplicates), the sums go over all ranks (every pipeline stage adds its own
+layers), and each part is divided by how many replicas hold it.
+
+A tied embedding and LM head under pipeline parallelism: the first stage holds the embedding, the
+last stage megatron's copy of it in the head. Only the embedding is a parameter of the optimizer (and
+of checkpoints and weight sync); before the step the copy's gradient is added to it over megatron's
+embedding group (`sum_tied_grads`, what megatron's finalize_model_grads does), after the step and
+after every load the copy takes the embedding's values again (`retie`). So the norm counts it once.
 """
 from __future__ import annotations
 
@@ -90,3 +96,33 @@ def clip_grads(named: list[tuple[str, torch.nn.Parameter]], layout: Layout, max_
     for _, p in named:
         p.grad.mul_(coef)
     return norm
+
+
+def tied_embedding(model) -> torch.nn.Parameter | None:
+    """This stage's side of a tied embedding split over pipeline stages (the first stage's embedding,
+    the last stage's copy in the head), else None."""
+    if model.config.pipeline_model_parallel_size == 1 or not model.share_embeddings_and_output_weights:
+        return None
+    return model.shared_embedding_or_output_weight() if model.pre_process or model.post_process else None
+
+
+def sum_tied_grads(weight: torch.nn.Parameter | None) -> None:
+    """Both sides of a tied embedding get the sum of their gradients (every rank calls it)."""
+    from megatron.core import parallel_state as ps
+
+    if weight is None:
+        return
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+
+@torch.no_grad()
+def retie(weight: torch.nn.Parameter | None) -> None:
+    """The last stage's copy of a tied embedding takes the first stage's values (every rank calls it)."""
+    from megatron.core import parallel_state as ps
+
+    if weight is None:
+        return
+    group = ps.get_embedding_group()
+    dist.broadcast(weight.data, src=dist.get_global_rank(group, 0), group=group)
