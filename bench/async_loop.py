@@ -26,7 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import machine, pin_gpu, toy_tokenizer_model, write_result  # noqa: E402
+from bench.common import machine, start_workers, toy_tokenizer_model, write_result  # noqa: E402
 from bench.gpu_trainer import SHAPES  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
 from rlgrid.v1 import coordinator_pb2_grpc  # noqa: E402
@@ -94,13 +94,7 @@ def main() -> None:
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)
-        env, dev = pin_gpu(args.trainer_device)
-        cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", dev, env=env)
-        for i, device in enumerate(args.rollout_devices):
-            env, dev = pin_gpu(device)
-            cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coord.address, "--device", dev, env=env)
-        for proc in cluster.procs:
-            cluster.wait_healthy(proc)
+        start_workers(cluster, coord.address, args.trainer_device, args.rollout_devices)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coord.address))
         for _ in range(args.repeats):
             for mode in args.modes:

@@ -35,6 +35,24 @@ def pin_gpu(device: str) -> tuple[dict, str]:
     return {}, device
 
 
+def start_workers(cluster, coordinator: str, trainer_device: str, rollout_devices: list[str],
+                  trainer_ranks: int = 1) -> None:
+    """A trainer and one rollout service per device, registered with the coordinator at `coordinator`,
+    each pinned to its GPU (`pin_gpu`); with `trainer_ranks` > 1 the trainer runs rank r on cuda:r.
+    Returns once every process serves."""
+    if trainer_ranks > 1:
+        cluster.start("trainer", "services.trainer", "--coordinator", coordinator, "--device", "cuda",
+                      nproc=trainer_ranks)
+    else:
+        env, dev = pin_gpu(trainer_device)
+        cluster.start("trainer", "services.trainer", "--coordinator", coordinator, "--device", dev, env=env)
+    for i, device in enumerate(rollout_devices):
+        env, dev = pin_gpu(device)
+        cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coordinator, "--device", dev, env=env)
+    for proc in cluster.procs:
+        cluster.wait_healthy(proc)
+
+
 def toy_tokenizer_model(path: str, shape: str) -> str:
     """The demo's tiny model (shape "toy"), or a bench.gpu_trainer SHAPES config (random init, written as a
     config only) with the toy tokenizer: for timing runs, where the rewards mean nothing."""

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from bench.common import machine, pin_gpu, write_result  # noqa: E402
+from bench.common import machine, start_workers, write_result  # noqa: E402
 from bench.gpu_trainer import SHAPES  # noqa: E402
 from bench.weight_sync import measure_raw  # noqa: E402
 from rlgrid.v1 import coordinator_pb2 as cpb  # noqa: E402
@@ -95,17 +95,7 @@ def main() -> None:
     try:
         coord = cluster.start("coordinator", "services.coordinator", "--state-dir", os.path.join(work, "state"))
         cluster.wait_healthy(coord)
-        if args.trainer_ranks > 1:   # rank r on cuda:r (LOCAL_RANK)
-            cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", "cuda",
-                          nproc=args.trainer_ranks)
-        else:
-            env, dev = pin_gpu(args.trainer_device)
-            cluster.start("trainer", "services.trainer", "--coordinator", coord.address, "--device", dev, env=env)
-        for i, device in enumerate(args.rollout_devices):
-            env, dev = pin_gpu(device)
-            cluster.start(f"rollout{i}", "services.rollout", "--coordinator", coord.address, "--device", dev, env=env)
-        for proc in cluster.procs:
-            cluster.wait_healthy(proc)
+        start_workers(cluster, coord.address, args.trainer_device, args.rollout_devices, args.trainer_ranks)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(make_channel(coord.address))
         overrides = [f"runtime_args.data_path={data}", f"models.policy.load={model}",
                      f"runtime_args.output_dir={work}/out", f"runtime_args.num_episode={args.steps}",
