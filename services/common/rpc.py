@@ -35,6 +35,8 @@ DEFAULT_MAX_MESSAGE_MB = int(os.environ.get(MAX_MESSAGE_ENV, "64"))
 # thread; past the bound a stream is answered RESOURCE_EXHAUSTED.
 DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_STREAMS = 8
+DEFAULT_MAX_CALLS = 64   # calls being served or waiting for a thread, of every kind
+HEALTH_PORT_ENV = "RLGRID_HEALTH_PORT"   # --health-port's default (the images set it for their HEALTHCHECK)
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MAX_ERROR_CHARS = 2000
 
@@ -62,14 +64,29 @@ class FailedPrecondition(RpcError):
 
 class PermissionDenied(RpcError):
     code = grpc.StatusCode.PERMISSION_DENIED
-def add_limit_args(parser) -> None:
-    """The command-line flags of Server's limits, shared by the three services."""
+
+
+def add_server_args(parser) -> None:
+    """The command-line flags of Server's limits and health port, shared by the three services."""
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
                         help=f"largest gRPC message sent or received, MiB (default ${MAX_MESSAGE_ENV} or 64); "
                              f"the coordinator uses the smallest of its own and each worker's")
     parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                         help="streaming calls (WatchRun, Generate, Train, ...) open at once; more are answered "
                              "RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS,
+                        help="calls of any kind in progress or waiting for one of the server's threads; more are "
+                             "answered RESOURCE_EXHAUSTED at once, so a flood of calls cannot queue without bound")
+    parser.add_argument("--health-port", type=int, default=int(os.environ.get(HEALTH_PORT_ENV) or 0),
+                        help="also serve grpc.health.v1, and nothing else, in plaintext on 127.0.0.1:PORT: a probe "
+                             "in the same host or container (the images' HEALTHCHECK) then works whatever secures "
+                             f"the main port (TLS, mutual TLS, a token). Default ${HEALTH_PORT_ENV}, else 0: off")
+
+
+def server_options(args) -> dict[str, int]:
+    """Server's keyword arguments from add_server_args's flags."""
+    return dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams, max_calls=args.max_calls,
+                health_port=args.health_port)
 
 
 # A channel reconnects after a failure at most this long after the last try (gRPC's default is 120 s),
@@ -315,17 +332,23 @@ class Server:
     the registered services except `open_methods` (full method names): a worker's steering calls.
     `max_message_mb` bounds every message it receives or sends; `max_streams` bounds the streaming
     calls open at once (each holds one of the `max_workers` threads), so streams can never take the
-    threads that registration, health checks and control calls need."""
+    threads that registration, health checks and control calls need; `max_calls` bounds the calls
+    in progress or queued for a thread (gRPC's maximum_concurrent_rpcs), so a flood of unary calls
+    is refused at once instead of piling up in memory and delaying everyone else's calls.
+    `health_port` (> 0) serves the health service alone, in plaintext, on 127.0.0.1 (see --health-port)."""
 
     def __init__(self, registrations: Iterable[tuple[Callable, Any, str]], *, host: str = "localhost",
                  port: int = 0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = DEFAULT_MAX_WORKERS,
-                 max_streams: int = DEFAULT_MAX_STREAMS, auth_token: str | None = None, tls: ServerTLS | None = None,
+                 max_streams: int = DEFAULT_MAX_STREAMS, max_calls: int = DEFAULT_MAX_CALLS, health_port: int = 0,
+                 auth_token: str | None = None, tls: ServerTLS | None = None,
                  insecure_no_auth: bool = False, worker_secret: str | None = None, open_methods: Iterable[str] = ()):
         if not 1 <= max_message_mb <= 2047:   # gRPC's limits are int32 bytes
             raise ValueError(f"--max-message-mb must be between 1 and 2047, got {max_message_mb}")
         if not 1 <= max_streams < max_workers:
             raise ValueError(f"--max-streams must be between 1 and {max_workers - 1} (the server's threads minus "
                              f"one, so unary calls always find a thread), got {max_streams}")
+        if max_calls < max_workers:
+            raise ValueError(f"--max-calls must be at least the server's {max_workers} threads, got {max_calls}")
         token = os.environ.get(AUTH_ENV) if auth_token is None else auth_token
         registrations = list(registrations)
         if not is_loopback(host):
@@ -345,8 +368,11 @@ class Server:
                                                  open_methods))
         interceptors.append(_StreamLimitInterceptor(max_streams))   # last: only calls that passed auth take a slot
         self.max_message_mb = max_message_mb
+        # no SO_REUSEPORT (gRPC's default on Linux): a second server on a port in use fails to bind
+        # instead of silently taking half of the connections
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                options=channel_options(max_message_mb), interceptors=interceptors)
+                                options=channel_options(max_message_mb) + [("grpc.so_reuseport", 0)],
+                                interceptors=interceptors, maximum_concurrent_rpcs=max_calls)
         names = []
         for add_fn, servicer, full_name in registrations:
             add_fn(servicer, self.grpc)
@@ -356,20 +382,41 @@ class Server:
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
         address = f"{host}:{port}"
-        self.port = (self.grpc.add_secure_port(address, tls.credentials()) if tls is not None
-                     else self.grpc.add_insecure_port(address))
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {host}:{port}")
+        self.port = _bind(lambda: self.grpc.add_secure_port(address, tls.credentials()) if tls is not None
+                          else self.grpc.add_insecure_port(address), f"{address} (--port/--host)")
+        self.health_grpc = self.health_port = None
+        if health_port:   # loopback only and health only: what it says is what the main port's health says
+            self.health_grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2), maximum_concurrent_rpcs=8,
+                                           interceptors=[_StreamLimitInterceptor(1)],
+                                           options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            self.health_port = _bind(lambda: self.health_grpc.add_insecure_port(f"127.0.0.1:{health_port}"),
+                                     f"127.0.0.1:{health_port} (--health-port)")
         self.grpc.start()
+        if self.health_grpc is not None:
+            self.health_grpc.start()
         for name in names[:-2] + [""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float = 1.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.health_grpc is not None:
+            self.health_grpc.stop(0)
         self.grpc.stop(grace).wait()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()
+
+
+def _bind(add_port: Callable[[], int], what: str) -> int:
+    """The port add_port bound; gRPC reports a port in use as 0 or as a RuntimeError, by version."""
+    try:
+        port = add_port()
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise RuntimeError(f"could not bind {what}: the port is in use or the address is not this host's")
+    return port
 
 
 class _MetadataClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -15,7 +15,7 @@ from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.models import resolve_device
 from services.common.paths import add_root_args
-from services.common.rpc import Server, add_limit_args, make_channel
+from services.common.rpc import Server, add_server_args, make_channel
 from services.common.security import Transport, add_security_args
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def worker_parser(name: str, port: int) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
     add_root_args(parser, "--model-root")
     add_security_args(parser)
-    add_limit_args(parser)
+    add_server_args(parser)
     return parser
 
 
@@ -76,16 +76,16 @@ def worker_device(device: str | None) -> torch.device:
 
 def start_worker(kind: int, registration: tuple, *, host: str, port: int, advertise: str | None,
                  coordinator: str | None, device: torch.device, transport: Transport = Transport(),
-                 limits: dict | None = None) -> tuple[Server, str]:
+                 options: dict | None = None) -> tuple[Server, str]:
     """Serves one servicer (with reflection, health, auth, TLS) and registers it; returns the server and
     the address the coordinator reaches it at. Every RPC of the servicer but GetInfo needs this worker's
-    secret, which only the coordinator it registers with learns. `limits`: Server's max_message_mb /
-    max_streams."""
+    secret, which only the coordinator it registers with learns. `options`: Server's keyword
+    arguments (server_options: limits, health port)."""
     secret = os.environ.get(WORKER_SECRET_ENV) or secrets.token_urlsafe(32)
     service = registration[2]
     server = Server([registration], host=host, port=port, tls=transport.tls,
                     insecure_no_auth=transport.insecure_no_auth, worker_secret=secret,
-                    open_methods=[f"/{service}/GetInfo"], **(limits or {}))
+                    open_methods=[f"/{service}/GetInfo"], **(options or {}))
     address = advertise or f"localhost:{server.port}"
     log.info("%s service on port %d (device %s)", cpb.WorkerKind.Name(kind).lower(), server.port, device)
     if coordinator:

@@ -3,7 +3,8 @@
 Both restarts resume the run from its last checkpoint: the newest runs/<run_id>/checkpoint-<episode>
 the trainer finished writing (its rlgrid_meta.json is written last), else the checkpoint the run itself
 started from (runtime_args.resume_from), else the run's start. What the run did after that checkpoint
-is redone: sampling is seeded per step and the data position is saved in the checkpoint, so the redone
+is redone: sampling is seeded per step and per prompt (never per replica or call, so fewer or other
+replicas draw the same samples) and the data position is saved in the checkpoint, so the redone
 steps generate the same samples and train on the same losses as a run that never stopped. Each episode
 is trained on once in the run's history and none is skipped. The run's record follows: metrics.jsonl
 drops the steps being redone, and an event names them (Run.rollback).

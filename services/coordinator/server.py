@@ -30,8 +30,9 @@ from services.common.rpc import (
     InvalidArgument,
     NotFound,
     Server,
-    add_limit_args,
+    add_server_args,
     handle_errors,
+    server_options,
 )
 from services.common.security import Transport, add_security_args, transport_from_args
 from services.common.weight_sync import Rendezvous
@@ -236,21 +237,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 def serve(port: int, *, host: str = "localhost", state_dir: str = "./output/coordinator",
           advertise_host: str = "127.0.0.1", metrics_port: int | None = None, roots: RunRoots | None = None,
-          transport: Transport = Transport(), limits: dict | None = None) -> tuple[Server, CoordinatorServicer]:
+          transport: Transport = Transport(), options: dict | None = None) -> tuple[Server, CoordinatorServicer]:
     """The coordinator's gRPC server; its rendezvous store and metrics endpoint listen on `host` too.
-    `limits`: Server's max_message_mb / max_streams (the first also bounds what runs send)."""
-    limits = limits or {}
+    `options`: Server's keyword arguments (server_options; max_message_mb also bounds what runs send)."""
+    options = options or {}
     store, workers = RunStore(state_dir), WorkerRegistry()
     rendezvous = Rendezvous(advertise_host, bind_host=host)
     scheduler = Scheduler(store, workers, rendezvous,
-                          max_message_mb=limits.get("max_message_mb", DEFAULT_MAX_MESSAGE_MB))
+                          max_message_mb=options.get("max_message_mb", DEFAULT_MAX_MESSAGE_MB))
     servicer = CoordinatorServicer(store, workers, scheduler, roots)
     for run in store.interrupted:   # active when the coordinator last stopped: they go on (recovery.py)
         run.listeners.append(metrics.observe)
         scheduler.resume(run, servicer.roots)
     server = Server([(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer,
                       cpb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name)], host=host, port=port,
-                    tls=transport.tls, insecure_no_auth=transport.insecure_no_auth, **limits)
+                    tls=transport.tls, insecure_no_auth=transport.insecure_no_auth, **options)
     if metrics_port is not None:
         metrics.serve(metrics_port, host)
     log.info("coordinator on %s:%d, state in %s; weight-sync rendezvous on port %d (advertised as %s)", host,
@@ -275,7 +276,7 @@ def main() -> None:
                         help="the only directory StartRun's config_path may name a file in (default ./configs)")
     add_root_args(parser, "--output-root", "--data-root", "--model-root")
     add_security_args(parser)
-    add_limit_args(parser)
+    add_server_args(parser)
     args = parser.parse_args()
     setup_logging("coordinator")
     transport = transport_from_args(parser, args)
@@ -284,7 +285,7 @@ def main() -> None:
     try:
         server, _ = serve(args.port, host=args.host, state_dir=args.state_dir, advertise_host=args.advertise_host,
                           metrics_port=args.metrics_port, roots=roots, transport=transport,
-                          limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
+                          options=server_options(args))
     except InsecureServer as exc:
         raise SystemExit(f"coordinator: {exc}") from None
     server.wait()

@@ -3,6 +3,8 @@ second backend of this same interface, selected by models.policy.engine."""
 from __future__ import annotations
 
 import abc
+import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -25,6 +27,18 @@ class Sampling:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0  # 0: not reproducible
+
+
+def prompt_seeds(seed: int, keys: Sequence[str]) -> list[int]:
+    """One sampling seed per prompt, from the request's seed and the prompt's key (its group id): a
+    prompt's samples then depend on the seed, the prompt and the weights only, never on which
+    replica, call or batch it landed in, so a step redone on another set of replicas (after a
+    restart, a retry or a join) draws the same samples. Seed 0: fresh random seeds. 62 bits: vLLM
+    seeds a prompt's n samples with seed + j."""
+    if not seed:
+        return [secrets.randbits(62) or 1 for _ in keys]
+    return [int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little") >> 2 or 1
+            for key in keys]
 
 
 @dataclass
@@ -125,8 +139,11 @@ class Engine(abc.ABC):
         return nbytes
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
-        """Yields n generations per prompt, as they complete; all from one policy version."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int,
+                 keys: Sequence[str] | None = None) -> Iterator[Generation]:
+        """Yields n generations per prompt, as they complete; all from one policy version. With
+        sampling.seed set, sample j of a prompt draws from prompt_seeds(seed, keys) (keys default
+        to the prompts' positions): the same wherever the prompt is generated."""
 
     @abc.abstractmethod
     def stage_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

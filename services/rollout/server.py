@@ -25,6 +25,7 @@ from services.common.rpc import (
     InvalidArgument,
     Server,
     handle_errors,
+    server_options,
     time_limit,
 )
 from services.common.security import Transport, transport_from_args
@@ -138,7 +139,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         counters = [0] * len(prompts)
         # never longer than the run's own deadline for it, whoever calls (a slow reader holds a stream slot)
         with time_limit(context, cfg.runtime_args.rpc_timeout_s.generate):
-            for g in engine.generate(prompts, sampling, request.n):
+            keys = [p.group_id or str(i) for i, p in enumerate(request.prompts)]   # seeds follow the prompt
+            for g in engine.generate(prompts, sampling, request.n, keys):
                 if not context.is_active():
                     return
                 prompt = request.prompts[g.prompt_index]
@@ -253,7 +255,7 @@ def check_context(cfg: RLConfig, context_length: int) -> None:
 
 def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,
           config_path: str | None = None, device: str | None = None, model_roots: Roots | None = None,
-          transport: Transport = Transport(), limits: dict | None = None) -> tuple[Server, RolloutServicer]:
+          transport: Transport = Transport(), options: dict | None = None) -> tuple[Server, RolloutServicer]:
     dev = worker_device(device)
     servicer = RolloutServicer("", dev, model_roots=model_roots)
     if config_path:   # the operator's own file, not a client's: not confined
@@ -265,7 +267,7 @@ def serve(port: int, *, host: str = "localhost", advertise: str | None = None, c
         cpb.ROLLOUT, (rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer,
                       rpb.DESCRIPTOR.services_by_name["RolloutService"].full_name),
         host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev, transport=transport,
-        limits=limits)
+        options=options)
     servicer.max_message_mb = server.max_message_mb
     return server, servicer
 
@@ -280,7 +282,7 @@ def main() -> None:
         server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
                           config_path=args.config, device=args.device,
                           model_roots=roots_from_args(args, "--model-root"), transport=transport,
-                          limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
+                          options=server_options(args))
     except InsecureServer as exc:
         raise SystemExit(f"rollout: {exc}") from None
     server.wait()

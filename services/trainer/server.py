@@ -29,6 +29,7 @@ from services.common.rpc import (
     RpcError,
     Server,
     handle_errors,
+    server_options,
     time_limit,
 )
 from services.common.security import Transport, transport_from_args
@@ -264,14 +265,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def serve(port: int, *, host: str = "localhost", advertise: str | None = None, coordinator: str | None = None,
           device: str | None = None, output_roots: Roots | None = None, model_roots: Roots | None = None,
-          transport: Transport = Transport(), limits: dict | None = None) -> tuple[Server, TrainerServicer]:
+          transport: Transport = Transport(), options: dict | None = None) -> tuple[Server, TrainerServicer]:
     """Rank 0 only; the other ranks of a torchrun launch call TrainerRanks.follow() instead."""
     dev = worker_device(device)
     servicer = TrainerServicer(TrainerRanks(dev), output_roots=output_roots, model_roots=model_roots)
     server, _ = start_worker(cpb.TRAINER, (trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer,
                                            tpb.DESCRIPTOR.services_by_name["TrainerService"].full_name),
                              host=host, port=port, advertise=advertise, coordinator=coordinator, device=dev,
-                             transport=transport, limits=limits)
+                             transport=transport, options=options)
     servicer.max_message_mb = server.max_message_mb
     return server, servicer
 
@@ -291,7 +292,7 @@ def main() -> None:
         server, _ = serve(args.port, host=args.host, advertise=args.advertise, coordinator=args.coordinator,
                           device=args.device, output_roots=roots_from_args(args, "--output-root"),
                           model_roots=roots_from_args(args, "--model-root"), transport=transport,
-                          limits=dict(max_message_mb=args.max_message_mb, max_streams=args.max_streams))
+                          options=server_options(args))
     except InsecureServer as exc:
         raise SystemExit(f"trainer: {exc}") from None
     server.wait()

@@ -53,7 +53,9 @@ def test_full_run_reaches_both_replicas(services, toy, demo_yaml, tmp_path):
 
 def test_toy_task_is_learned(services, toy, demo_yaml, tmp_path):
     """With the demo's settings and seed, mean reward rises by far more than drift would give."""
-    overrides = demo_overrides(toy, str(tmp_path), **{"runtime_args.num_episode": 40})
+    # 60 episodes: at 40 this seed was at +0.19 (other seeds +0.4 to +0.6), too near the bar for a test
+    # that float summation order could tip; at 60 it is at +0.37
+    overrides = demo_overrides(toy, str(tmp_path), **{"runtime_args.num_episode": 60})
     run = services.coord().StartRun(cpb.StartRunRequest(config_yaml=demo_yaml, overrides=overrides))
     info, events = services.run_to_end(run.run_id)
     assert info.state == cpb.FINISHED, info.error

@@ -1,8 +1,9 @@
 """A run outlives its trainer and its coordinator. A run that never stopped is the reference; then
 the same run once more with the trainer killed mid-step and restarted, and once more with the
-coordinator killed mid-step and restarted. Each resumes from its last checkpoint by itself, redoes the
-steps after it, and ends with the reference's samples and losses, step for step: nothing is trained
-on twice in the run's history and no episode is skipped."""
+coordinator and one of the two replicas killed mid-step and restarted. Each resumes from its last
+checkpoint by itself, redoes the steps after it, and ends with the reference's samples and losses,
+step for step, whichever replicas generate them: nothing is trained on twice in the run's history and
+no episode is skipped."""
 import json
 import os
 import signal
@@ -35,10 +36,13 @@ class Deployment:
         self.port, self.trainer_port = free_port(), free_port()
         self.coordinator = self.start_coordinator()
         self.trainer = self.start_trainer()
-        self.rollouts = [self.cluster.start(f"rollout{i}", "services.rollout", "--coordinator",
-                                            self.coordinator.address, "--device", "cpu") for i in range(2)]
+        self.rollouts = [self.start_rollout(i) for i in range(2)]
         for proc in [self.trainer, *self.rollouts]:
             self.cluster.wait_healthy(proc)
+
+    def start_rollout(self, i: int) -> Proc:
+        return self.cluster.start(f"rollout{i}", "services.rollout", "--coordinator", f"localhost:{self.port}",
+                                  "--device", "cpu")
 
     def start_coordinator(self) -> Proc:
         proc = self.cluster.start("coordinator", "services.coordinator", "--state-dir", self.state, port=self.port)
@@ -113,9 +117,10 @@ def test_a_restarted_coordinator_resumes_its_running_run(deployment, reference, 
         toy, str(tmp_path), **SETTINGS)))
     watch = RunWatcher(d.coord(), run.run_id)
     watch.step(3)
-    arm(d.faults, "logprobs", "pause")   # the coordinator dies inside step 4
+    arm(d.faults, "logprobs", "pause")   # the coordinator dies inside step 4, and a replica with it
     reached(d.faults, "logprobs")
     d.kill(d.coordinator)
+    d.kill(d.rollouts[1])
     release(d.faults, "logprobs")
     d.coordinator = d.start_coordinator()   # same port and state dir; the workers register again
     info = d.coord().GetRun(cpb.RunRef(run_id=run.run_id))
@@ -123,6 +128,9 @@ def test_a_restarted_coordinator_resumes_its_running_run(deployment, reference, 
     watch = RunWatcher(d.coord(), run.run_id)
     resumed = watch.message("the coordinator restarted: the run resumes from")
     assert "checkpoint-2 (episode 2)" in watch.events[resumed].message
+    # the redone steps start on one replica and the other joins on the way: samples follow the prompt,
+    # not the replica, so they are still the reference's
+    d.rollouts[1] = d.start_rollout(1)
     end = watch.wait_for(lambda e: e.state in (cpb.FINISHED, cpb.FAILED), what="the end", start=resumed)
     info = d.coord().GetRun(cpb.RunRef(run_id=run.run_id))
     assert watch.events[end].state == cpb.FINISHED, info.error

@@ -178,6 +178,37 @@ def test_same_seed_same_samples_different_seed_different(engine):
     assert [x[1] for x in a] != [x[1] for x in c]
 
 
+def _by_key(gens, keys):
+    """(key, j) -> (tokens, logprobs) of a call's generations; j counts a prompt's samples in order."""
+    out, seen = {}, collections.Counter()
+    for g in gens:
+        key = keys[g.prompt_index]
+        out[key, seen[key]] = (g.response_ids, g.logprobs)
+        seen[key] += 1
+    return out
+
+
+def test_a_prompts_samples_are_the_same_in_any_batch_call_or_order(engine, fresh_engine):
+    """Each prompt samples from (seed, its key): split over calls, reordered, or cut by a batch
+    boundary (fresh_engine decodes 8 rows at a time, so 4 x 3 samples make batches of 8 and 4, and
+    prompt 2's samples straddle them), a prompt's samples stay the same; with another key they differ."""
+    keys = ["3-0", "3-1", "3-2", "3-3"]
+    kw = dict(temperature=1.0, max_tokens=8, seed=42)
+    whole = _by_key(engine.generate(PROMPTS, Sampling(**kw), 3, keys), keys)
+    split = {}
+    for part in ([3, 1], [2], [0]):
+        part_keys = [keys[i] for i in part]
+        split |= _by_key(engine.generate([PROMPTS[i] for i in part], Sampling(**kw), 3, part_keys), part_keys)
+    straddled = _by_key(fresh_engine.generate(PROMPTS, Sampling(**kw), 3, keys), keys)
+    assert len(whole) == 12 and set(split) == set(straddled) == set(whole)
+    for key_j, (tokens, logprobs) in whole.items():
+        for other in (split, straddled):
+            assert other[key_j][0] == tokens, key_j
+            assert torch.allclose(torch.tensor(other[key_j][1]), torch.tensor(logprobs), atol=1e-5), key_j
+    renamed = _by_key(engine.generate(PROMPTS, Sampling(**kw), 3, ["x", "y", "z", "w"]), ["x", "y", "z", "w"])
+    assert [renamed[k, j][0] for k in "xyzw" for j in range(3)] != [whole[k, j][0] for k in keys for j in range(3)]
+
+
 @pytest.mark.parametrize("bad,index", [
     ([[3, 4], [5, TINY_VOCAB_SIZE]], 1),
     ([[3, 4], [5, 6], [-1]], 2),

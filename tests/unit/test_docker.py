@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.rpc import AUTH_ENV, Server
+from services.common.rpc import AUTH_ENV, HEALTH_PORT_ENV, Server
+from services.coordinator.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -257,22 +258,46 @@ def test_default_cmds_parse_and_ports_match_expose_and_healthcheck(dockerfile):
         assert health is not None, f"{target} has no HEALTHCHECK"
         argv = exec_form(health.args[health.args.index("CMD") + 3:].strip())
         assert argv[:2] == ["python", "-c"] and "grpc_health.v1" in argv[2]
-        assert re.search(rf"(127\.0\.0\.1|localhost):{ns.port}\b", argv[2]), \
-            f"{target}: health check does not probe port {ns.port}"
+        assert f"'127.0.0.1:' + os.environ['{HEALTH_PORT_ENV}']" in argv[2], \
+            f"{target}: the health check does not probe the health port"
+        with pytest.MonkeyPatch.context() as mp:   # the image's env gives every service its health port
+            mp.setenv(HEALTH_PORT_ENV, image_env(dockerfile, target)[HEALTH_PORT_ENV])
+            health_port = parse_service_args(f"services.{target}", args).health_port
+        assert health_port == int(image_env(dockerfile, target)[HEALTH_PORT_ENV]) > 0
+        assert str(health_port) not in expose, "the health port is for probes inside the container"
 
 
-def test_healthcheck_passes_against_a_serving_server(dockerfile):
-    server = Server([], host="127.0.0.1", port=0, auth_token="a-token")   # health needs no token
+def image_env(instrs: list[Instruction], stage: str) -> dict[str, str]:
+    """The ENV a stage runs with (its ancestors' first); only KEY=VALUE pairs without spaces."""
+    env: dict[str, str] = {}
+    for name in reversed(chain(instrs, stage)):
+        for ins in instrs:
+            if ins.stage == name and ins.keyword == "ENV":
+                env |= dict(pair.split("=", 1) for pair in ins.args.split() if "=" in pair)
+    return env
+
+
+def test_healthcheck_passes_with_tls_and_a_token_on_the_api_port(dockerfile, tmp_path):
+    """The images' probe speaks plaintext to the loopback health port: it passes against a server whose
+    API port needs TLS and a token (where a plaintext probe of the API port fails), and fails once no
+    server listens."""
+    from services.common.rpc import ServerTLS
+    from tests.certs import make_local_tls
+    certs = make_local_tls(str(tmp_path))
+    server = Server([], host="127.0.0.1", port=0, auth_token="a-token", health_port=free_port(),
+                    tls=ServerTLS(certs.cert, certs.key, certs.ca))   # mutual TLS: no client cert, no call
     try:
         for target in SERVICES:
             health = effective(dockerfile, target, "HEALTHCHECK")
             code = exec_form(health.args[health.args.index("CMD") + 3:].strip())[2]
-            code = re.sub(r"(127\.0\.0\.1|localhost):\d+", f"127.0.0.1:{server.port}", code)
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            env = {**os.environ, HEALTH_PORT_ENV: str(server.health_port)}
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
             assert done.returncode == 0, f"{target} health check failed: {done.stderr}"
+        api = {**os.environ, HEALTH_PORT_ENV: str(server.port)}   # the same probe against the TLS port
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=api).returncode != 0
     finally:
         server.stop(0)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode != 0, "the health check passes with no server listening"
 
 
@@ -376,9 +401,13 @@ def test_compose_commands_use_flags_the_services_accept(compose, dockerfile, mon
             monkeypatch.setenv(launch.HOST_ENV, "10.0.0.7")
             args = launch.with_advertise(module, args)
             monkeypatch.delenv(launch.HOST_ENV)
+        env = image_env(dockerfile, name) | {k: str(v) for k, v in (compose["services"][name].get("environment")
+                                                                     or {}).items()}
+        monkeypatch.setenv(HEALTH_PORT_ENV, env[HEALTH_PORT_ENV])
         ns = parse_service_args(module, args)
-        health = effective(dockerfile, name, "HEALTHCHECK").args
-        assert f":{ns.port}'" in health, f"{name}: --port {ns.port} is not the port the image's health check probes"
+        monkeypatch.delenv(HEALTH_PORT_ENV)
+        assert ns.health_port == int(env[HEALTH_PORT_ENV]) > 0, \
+            f"{name}: --health-port {ns.health_port} is not the port the image's health check probes"
 
 
 def test_compose_wiring(compose, dockerfile):

@@ -45,6 +45,9 @@ class ErrorServicer(RolloutServicer):
             raise FailedPrecondition("engine is not set up")
         if kind == "internal":
             raise RuntimeError("kaboom")
+        if kind == "slow":
+            time.sleep(1.5)
+            return rpb.RolloutInfo(run_id="slow")
         if kind == "huge":   # e.g. vLLM's error listing every architecture it supports
             raise ValueError("models.policy.load='x': vLLM could not load it: " + "Arch, " * 5000)
         raise AssertionError(kind)
@@ -322,6 +325,58 @@ def test_streams_are_bounded_and_never_take_the_unary_threads():
                     time.sleep(0.05)
     finally:
         server.stop(0)
+
+
+def test_a_flood_of_unary_calls_is_refused_past_max_calls_instead_of_queued():
+    """Calls past max_calls (served or waiting for one of the threads) are answered RESOURCE_EXHAUSTED
+    at once; the rest are served, and once the flood has drained the server answers again."""
+    from concurrent.futures import ThreadPoolExecutor
+    server = _server(auth_token="", max_streams=1, max_workers=4, max_calls=6)
+    try:
+        with make_channel(_address(server), auth_token="") as channel:
+            stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+
+            def slow(_):
+                start = time.monotonic()
+                try:
+                    return stub.Setup(pb.SetupRequest(run_id="slow"), timeout=30).run_id, time.monotonic() - start
+                except grpc.RpcError as exc:
+                    return exc.code(), time.monotonic() - start
+            with ThreadPoolExecutor(24) as pool:
+                results = list(pool.map(slow, range(24)))
+            served = [t for r, t in results if r == "slow"]
+            refused = [t for r, t in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert len(served) + len(refused) == 24, results
+            assert 1 <= len(served) <= 6 + 2 and len(refused) >= 24 - 8, results   # a late call may find room
+            assert max(refused) < 1.0, refused   # refused at once, never after waiting for a slow call (1.5 s)
+            assert stub.Setup(pb.SetupRequest(run_id="ok"), timeout=TIMEOUT).run_id == "ok"
+    finally:
+        server.stop(0)
+
+
+def test_the_health_port_serves_health_alone_on_loopback():
+    """--health-port answers grpc.health.v1 without the token the API port needs, and nothing else."""
+    from services.coordinator.local import free_port
+    server = _server(auth_token=TOKEN, health_port=free_port())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=ROLLOUT),
+                                                              timeout=TIMEOUT)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                rollout_pb2_grpc.RolloutServiceStub(channel).GetInfo(pb.Empty(), timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(RuntimeError, match="--health-port"):   # taken: refused, naming the flag
+            _server(auth_token=TOKEN, health_port=server.health_port)
+        with pytest.raises(RuntimeError, match=f"could not bind 127.0.0.1:{server.port}"):   # the API port too
+            _server(auth_token=TOKEN, port=server.port)
+    finally:
+        server.stop(0)
+
+
+def test_max_calls_must_cover_the_threads():
+    with pytest.raises(ValueError, match="--max-calls"):
+        _server(auth_token="", max_workers=16, max_calls=8)
 
 
 def test_security_flags_go_together(monkeypatch, capsys):

@@ -45,6 +45,21 @@ def test_generate_n_per_prompt_with_logprobs(tiny_engine, tiny_dir):
     assert max_diff(load_causal_lm(tiny_dir, dtype=torch.float32).eval(), PROMPTS, gens) < ATOL
 
 
+def test_a_prompts_samples_do_not_depend_on_the_call_it_is_in(tiny_engine):
+    """Seeds follow the prompt's key (its group id), as in the built-in engine: alone, or with another
+    prompt before it, a prompt draws the same samples; under another key, other ones."""
+    sampling = Sampling(temperature=TEMP, max_tokens=6, seed=7)
+
+    def tokens(prompts, keys):
+        gens = list(tiny_engine.generate(prompts, sampling, n=3, keys=keys))
+        return {keys[i]: [g.response_ids for g in gens if g.prompt_index == i] for i in range(len(prompts))}
+
+    both = tokens(PROMPTS, ["5-0", "5-1"])
+    assert tokens(PROMPTS[1:], ["5-1"]) == {"5-1": both["5-1"]}
+    assert tokens(PROMPTS[::-1], ["5-1", "5-0"]) == both
+    assert tokens(PROMPTS[1:], ["6-1"])["6-1"] != both["5-1"]
+
+
 def test_same_weights_agree_across_vllm_builtin_and_trainer(tiny_engine, tiny_dir):
     """vLLM's logprobs, the built-in engine's and the trainer's (FSDP) for the same sequences."""
     from services.common.batches import TrainSequence, make_micro_batch

@@ -17,7 +17,7 @@ import torch
 from services.common.memory import StorageSwap, free_cached, owned
 from services.common.models import load_causal_lm
 from services.common.weight_sync import ParamMeta, gpu_uuids
-from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling
+from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling, prompt_seeds
 from services.rollout.engines.static_kv import StaticKVCache, use_grouped_decode_attention
 
 log = logging.getLogger("rollout")
@@ -28,6 +28,31 @@ GRAPH_CHECK = 8      # with graphs, look for finished rows every this many token
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+class _SampleNoise:
+    """The exponential noise of one batch's samples, drawn so that a sample's noise is its own: each
+    prompt has a generator seeded with its prompt seed that draws a row for each of its n samples
+    per step, and sample j takes row j. What other prompts share the batch, the call or the replica,
+    and where a batch boundary splits a prompt's samples, changes nothing (as vLLM's per-request
+    generators do). One draw per prompt per step, then one gather into the slot rows."""
+
+    def __init__(self, seeds: list[int], samples: list[tuple[int, int]], n: int, vocab: int, device: torch.device):
+        prompts = sorted({i for i, _ in samples})
+        at = {i: k for k, i in enumerate(prompts)}
+        self.generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in prompts]
+        self.rows = torch.empty(len(prompts), n, vocab, device=device)
+        self.source = [at[i] * n + j for i, j in samples]   # batch sample -> row of self.rows
+        self._gather: tuple[list[int], torch.Tensor] | None = None
+
+    def draw(self, out: torch.Tensor, row_of: list[int]) -> None:
+        """Fills out (slot rows) for the next step; row_of maps slot rows to batch samples (-1: padding)."""
+        for rows, generator in zip(self.rows, self.generators):
+            rows.exponential_(generator=generator)
+        if self._gather is None or self._gather[0] is not row_of:   # the slots changed: a new map
+            index = [self.source[k] if k >= 0 else 0 for k in row_of]
+            self._gather = row_of, torch.tensor(index, device=out.device)
+        torch.index_select(self.rows.view(-1, self.rows.shape[-1]), 0, self._gather[1], out=out)
 
 
 @dataclass
@@ -96,7 +121,8 @@ class BuiltinEngine(Engine):
         self._swap: StorageSwap | None = None   # the weights' memory, released by sleep
 
     # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int,
+                 keys: Sequence[str] | None = None) -> Iterator[Generation]:
         vocab = self.config.vocab_size
         for i, p in enumerate(prompts):
             if not p:
@@ -104,25 +130,26 @@ class BuiltinEngine(Engine):
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompts[{i}].prompt_ids has token ids outside [0, {vocab})")
         self.check_serving()
-        work = [i for i in range(len(prompts)) for _ in range(n)]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(sampling.seed) if sampling.seed else generator.seed()
+        seeds = prompt_seeds(sampling.seed, keys if keys is not None else [str(i) for i in range(len(prompts))])
+        work = [(i, j) for i in range(len(prompts)) for j in range(n)]
         for start in range(0, len(work), self.max_num_seqs):
             chunk = work[start: start + self.max_num_seqs]
+            noise = None if sampling.temperature == 0 else _SampleNoise(seeds, chunk, n, vocab, self.device)
             with self._lock:
                 self.check_serving()   # a Sleep may have come between two batches
-                yield from self._generate_batch([prompts[i] for i in chunk], chunk, sampling, generator)
+                yield from self._generate_batch([prompts[i] for i, _ in chunk], [i for i, _ in chunk], sampling,
+                                                noise)
 
     def _generate_batch(self, prompts: list[list[int]], index: list[int], s: Sampling,
-                        generator: torch.Generator) -> list[Generation]:
+                        noise: _SampleNoise | None) -> list[Generation]:
         if self.device.type != "cuda":
-            return self._decode_batch(prompts, index, s, generator)
+            return self._decode_batch(prompts, index, s, noise)
         with torch.cuda.device(self.device):   # graphs capture and replay on the current device's streams
-            return self._decode_batch(prompts, index, s, generator)
+            return self._decode_batch(prompts, index, s, noise)
 
     @torch.no_grad()
     def _decode_batch(self, prompts: list[list[int]], index: list[int], s: Sampling,
-                      generator: torch.Generator) -> list[Generation]:
+                      noise: _SampleNoise | None) -> list[Generation]:
         width = max(map(len, prompts))
         st = self._prepare(prompts, width + s.max_tokens, s)
         top_k = s.top_k if 0 < s.top_k < self.config.vocab_size else 0
@@ -130,9 +157,10 @@ class BuiltinEngine(Engine):
         row_of = list(range(len(prompts))) + [-1] * (st.rows - len(prompts))   # slot row -> prompt row; -1 padding
         results: dict[int, Generation] = {}
         check = GRAPH_CHECK if self.fixed_shapes else 1
-        greedy = s.temperature == 0   # argmax: no noise (scores - log 1)
-        draw = (lambda: st.noise[: st.rows].fill_(1.0)) if greedy else (
-            lambda: st.noise[: st.rows].exponential_(generator=generator))
+
+        def draw():   # greedy (temperature 0): argmax, no noise (scores - log 1)
+            st.noise[: st.rows].fill_(1.0) if noise is None else noise.draw(st.noise[: st.rows], row_of)
+
         draw()
         self._record(st, self._prefill(st, prompts, width), top_k, top_p)
         steps = 1

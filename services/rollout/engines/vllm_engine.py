@@ -18,7 +18,7 @@ from rlgrid.v1 import common_pb2 as pb
 from services.common.models import ModelLoadError, hf_param_specs
 from services.common.rpc import FailedPrecondition
 from services.common.weight_sync import ParamMeta
-from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling
+from services.rollout.engine import WAKE_TAGS, Engine, EngineInfo, Generation, Sampling, prompt_seeds
 
 WORKER_EXTENSION = "services.rollout.engines.vllm_worker.WeightSyncExtension"
 
@@ -89,7 +89,8 @@ class VLLMEngine(Engine):
         self._group: str | None = None
 
     # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> Iterator[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int,
+                 keys: Sequence[str] | None = None) -> Iterator[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         if sampling.top_p < 1.0 or sampling.top_k > 0:
@@ -100,9 +101,11 @@ class VLLMEngine(Engine):
         for i, p in enumerate(prompts):
             if not p or min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(f"prompts[{i}].prompt_ids is empty or has token ids outside [0, {self.vocab_size})")
-        params = SamplingParams(n=n, temperature=sampling.temperature, max_tokens=sampling.max_tokens,
-                                stop_token_ids=sorted(set(self.eos_ids) | set(sampling.stop_token_ids)),
-                                logprobs=0, seed=sampling.seed or None, detokenize=False)
+        stop = sorted(set(self.eos_ids) | set(sampling.stop_token_ids))
+        seeds = prompt_seeds(sampling.seed, keys if keys is not None else [str(i) for i in range(len(prompts))]) \
+            if sampling.seed else [None] * len(prompts)   # unseeded: vLLM's batched draw
+        params = [SamplingParams(n=n, temperature=sampling.temperature, max_tokens=sampling.max_tokens,
+                                 stop_token_ids=stop, logprobs=0, seed=seed, detokenize=False) for seed in seeds]
         with self._lock:
             self.check_serving()
             try:
