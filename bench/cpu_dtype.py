@@ -18,14 +18,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine, write_result  # noqa: E402
 from services.common.import_gguf import import_gguf, shipped_smollm2  # noqa: E402
+from services.common.models import native_bf16_cpu  # noqa: E402
 from services.coordinator.local import ROOT  # noqa: E402
 from services.rollout.engine import Sampling  # noqa: E402
 from services.rollout.engines.builtin import BuiltinEngine  # noqa: E402
-
-
-def native_bf16_cpu() -> bool:
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                         "_is_amx_tile_supported"))
 
 
 def cpu_model() -> str:

@@ -33,6 +33,13 @@ def resolve_device(local_rank: int | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without, torch emulates bf16:
+    on an AVX2-only EPYC generation ran ~4x slower than float32, and FSDP training far slower still."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on GPU and float32 on CPU (CPU kernels are fastest and exact in fp32)."""
     if name == "auto":

@@ -61,11 +61,13 @@ def _version(stub) -> int:
 
 def _train_alike(stubs, seeds, keys=("loss", "pg_loss", "kl", "entropy", "grad_norm")):
     for seed in seeds:
-        step = [batches.to_proto(mb) for mb in _step(seed, version=_version(stubs[0]))]
+        version = _version(stubs[0])
+        step = [batches.to_proto(mb) for mb in _step(seed, version=version)]
         one, two = (dict(s.Train(iter(step)).values) for s in stubs)
         assert two["ranks"] == 2
+        tol = 1e-5 if version == 0 else 1e-4   # the docstring's bounds: untrained, then after AdamW steps
         for key in keys:
-            assert abs(one[key] - two[key]) < 1e-5 * max(1.0, abs(one[key])), (seed, key, one[key], two[key])
+            assert abs(one[key] - two[key]) < tol * max(1.0, abs(one[key])), (seed, key, one[key], two[key])
     return one
 
 

