@@ -29,12 +29,14 @@ class Sampling:
     seed: int = 0  # 0: not reproducible
 
 
-def prompt_seeds(seed: int, keys: Sequence[str]) -> list[int]:
-    """One sampling seed per prompt, from the request's seed and the prompt's key (its group id): a
+def prompt_seeds(seed: int, count: int, keys: Sequence[str] | None = None) -> list[int]:
+    """One sampling seed for each of `count` prompts, from the request's seed and the prompt's key (its
+    group id; by default its position in the request): a
     prompt's samples then depend on the seed, the prompt and the weights only, never on which
     replica, call or batch it landed in, so a step redone on another set of replicas (after a
     restart, a retry or a join) draws the same samples. Seed 0: fresh random seeds. 62 bits: vLLM
     seeds a prompt's n samples with seed + j."""
+    keys = [str(i) for i in range(count)] if keys is None else keys
     if not seed:
         return [secrets.randbits(62) or 1 for _ in keys]
     return [int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little") >> 2 or 1
@@ -142,7 +144,7 @@ class Engine(abc.ABC):
     def generate(self, prompts: list[list[int]], sampling: Sampling, n: int,
                  keys: Sequence[str] | None = None) -> Iterator[Generation]:
         """Yields n generations per prompt, as they complete; all from one policy version. With
-        sampling.seed set, sample j of a prompt draws from prompt_seeds(seed, keys) (keys default
+        sampling.seed set, sample j of a prompt draws from prompt_seeds(seed, len(prompts), keys) (keys default
         to the prompts' positions): the same wherever the prompt is generated."""
 
     @abc.abstractmethod

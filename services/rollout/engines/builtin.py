@@ -130,7 +130,7 @@ class BuiltinEngine(Engine):
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompts[{i}].prompt_ids has token ids outside [0, {vocab})")
         self.check_serving()
-        seeds = prompt_seeds(sampling.seed, keys if keys is not None else [str(i) for i in range(len(prompts))])
+        seeds = prompt_seeds(sampling.seed, len(prompts), keys)
         work = [(i, j) for i in range(len(prompts)) for j in range(n)]
         for start in range(0, len(work), self.max_num_seqs):
             chunk = work[start: start + self.max_num_seqs]

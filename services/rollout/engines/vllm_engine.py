@@ -102,8 +102,8 @@ class VLLMEngine(Engine):
             if not p or min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(f"prompts[{i}].prompt_ids is empty or has token ids outside [0, {self.vocab_size})")
         stop = sorted(set(self.eos_ids) | set(sampling.stop_token_ids))
-        seeds = prompt_seeds(sampling.seed, keys if keys is not None else [str(i) for i in range(len(prompts))]) \
-            if sampling.seed else [None] * len(prompts)   # unseeded: vLLM's batched draw
+        # unseeded: None keeps vLLM's batched draw
+        seeds = prompt_seeds(sampling.seed, len(prompts), keys) if sampling.seed else [None] * len(prompts)
         params = [SamplingParams(n=n, temperature=sampling.temperature, max_tokens=sampling.max_tokens,
                                  stop_token_ids=stop, logprobs=0, seed=seed, detokenize=False) for seed in seeds]
         with self._lock:
