@@ -70,6 +70,8 @@ def main() -> None:
         task = ["models.reward.name=math", "models.policy.max_prompt_tokens_length=80",
                 "models.policy.temperature=0.7", "models.policy_trainer.optimizer.lr=2e-5",
                 f"models.policy.max_response_tokens_length={args.max_response or 32}"]
+        if not args.max_response:   # demo_cpu.yaml packs 256 tokens: ~45 micro-batches per step on a GPU
+            task.append("models.policy_trainer.max_token_in_packing=8192")
     elif args.shape == "toy":   # vLLM loads weights from disk, so that model directory has them (random, seeded)
         build_tiny_model(model, toy_vocabulary(), with_weights=args.engine == "vllm",
                          hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1024)

@@ -10,6 +10,10 @@ Parts (each a fresh trainer; a failing part is recorded, the others still run):
   moe      an 8-layer Qwen3-30B-A3B-shaped MoE (128 experts, top 8), 2 packed micro-batches of 8192:
            FSDP groupgemm (transformers' grouped_mm) vs megatron groupgemm (GroupedExperts); two forwards of
            the same batch with moe_unpermute_dtype native (megatron's bf16 scatter-add) and fp32.
+  short    SmolLM2-135M's shape (Llama) on a GRPO step of many short samples (256 samples of 8 per prompt, prompts
+           30-70 tokens, responses 4-60, packed into rows of 8192): train-step seconds of FSDP (sdpa, flex_attention)
+           and megatron, megatron once with megatron-core's own per-sequence THD rotary embedding and once with
+           patch 3 (services/trainer/mcore/patches.py), and a profiled step of each backend (GPU busy vs idle).
   convert  a Qwen3-8B-shaped HF directory of random bf16 weights through `python -m services.trainer.convert`
            hf-to-mcore then mcore-to-hf: seconds, peak host memory above the process's start as a multiple of
            the model's bytes (memory it holds, RssAnon; and RSS with the safetensors pages it maps), whether
@@ -37,11 +41,17 @@ from transformers import AutoConfig  # noqa: E402
 
 from bench.common import machine, write_result  # noqa: E402
 from bench.gpu_trainer import SHAPES as GPU_SHAPES  # noqa: E402
-from bench.trainer import LENGTHS, PEAKS, SHAPES, attempt, exact_bins, free, model_flops, run_steps  # noqa: E402
-from services.common.batches import make_micro_batch  # noqa: E402
+from bench.trainer import LENGTHS, PEAKS, SHAPES, attempt, exact_bins, free, grpo_samples, model_flops, run_steps  # noqa: E402
+from services.common.batches import make_micro_batch, split_into_micro_batches  # noqa: E402
 from services.common.config import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# SmolLM2-135M-Instruct's architecture (the model of `make demo-real` and bench/gpu_grpo.py --shape smollm2)
+SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True)
+# a GRPO step of arithmetic-like samples: short prompts, short answers
+SHORT = {"full": dict(prompt=(30, 70), median=20, sigma=0.6, response=(4, 60)),
+         "tiny": dict(prompt=(4, 12), median=6, sigma=0.6, response=(2, 12))}
 
 
 def config_dir(path: str, shape: dict, pack: int) -> str:
@@ -149,6 +159,41 @@ def part_moe(args, work: str, peak) -> dict:
     return out
 
 
+def part_short(args, work: str, peak) -> dict:
+    """Many short sequences per packed row: where per-sequence work (not the matmuls) decides the step."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from services.trainer.mcore import patches
+
+    shape = dict(GPU_SHAPES["tiny"], model_type="llama") if args.tiny else SMOLLM2
+    path = config_dir(os.path.join(work, "short"), shape, args.pack)
+    seqs = grpo_samples(args.short_samples, 8, SHORT["tiny" if args.tiny else "full"], shape["vocab_size"], seed=3)
+    mbs = split_into_micro_batches(seqs, packing=True, max_token_in_packing=args.pack, micro_batch_size=1,
+                                   temperature=1.0)
+    flops = model_flops(shape, matmul_params(shape), [n for mb in mbs for n in mb.seq_lens])
+    out = {"shape": "smollm2-135m" if not args.tiny else "tiny", "samples": len(seqs), "micro_batches": len(mbs),
+           "sequences_per_micro_batch": [len(mb.seq_lens) for mb in mbs],
+           "tokens": sum(mb.num_tokens for mb in mbs)}
+    patches.install_rope_patch()
+    patched = rope_utils._apply_rotary_pos_emb_thd
+    rows = (("fsdp sdpa", "fsdp", (), None), ("fsdp flex_attention", "fsdp",
+            ("models.policy_trainer.attn_implementation=flex_attention",), None),
+            ("megatron, megatron-core's rope loop", "megatron", (), patched.__wrapped__),
+            ("megatron", "megatron", (), patched))
+    for label, kind, extra, rope in rows:
+        def one(kind=kind, extra=extra, rope=rope):
+            b = backend(args, path, kind, *extra)
+            if rope is not None:   # after the backend's own install_rope_patch
+                rope_utils._apply_rotary_pos_emb_thd = rope
+            try:
+                return run_steps(b, mbs, args.warmup, args.steps, flops, peak, profiled=True)
+            finally:
+                rope_utils._apply_rotary_pos_emb_thd = patched
+        out[label] = attempt(f"short {label}", one)
+        free(args.device)
+    return out
+
+
 def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(t.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -201,7 +246,7 @@ def part_convert(args, work: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--parts", nargs="+", choices=["dense", "moe", "convert"], default=["dense", "moe", "convert"])
+    add("--parts", nargs="+", choices=["dense", "moe", "short", "convert"], default=["dense", "moe", "short", "convert"])
     add("--moe-backends", nargs="+", choices=["fsdp", "megatron"], default=["fsdp", "megatron"])
     add("--tiny", action="store_true", help="tiny shapes in float32 on CPU: checks the script, measures nothing")
     add("--pack", type=int, default=8192, help="tokens per packed micro-batch (models.policy_trainer.max_token_in_packing)")
@@ -212,6 +257,7 @@ def main() -> None:
     add("--dense-shape", default="qwen3-1.7b")
     add("--moe-shape", default="qwen3-moe-8l")
     add("--convert-shape", default="qwen3-8b")
+    add("--short-samples", type=int, default=256, help="samples of the `short` part's GRPO step")
     add("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     add("--out", help="write the result JSON here too")
     args = parser.parse_args()
@@ -220,6 +266,7 @@ def main() -> None:
     if args.tiny:
         args.dense_shape, args.moe_shape, args.convert_shape = "tiny", "tiny-moe", "tiny"
         args.pack, args.micro_batches, args.moe_micro_batches, args.warmup, args.steps = 256, 2, 2, 1, 1
+        args.short_samples = 32
         args.dtype, args.lengths = "float32", "tiny"
     if args.device.type == "cuda":
         torch.cuda.set_device(args.device)
@@ -239,7 +286,7 @@ def main() -> None:
         for part in args.parts:
             t0 = time.perf_counter()
             fn = {"dense": lambda: part_dense(args, work, peak), "moe": lambda: part_moe(args, work, peak),
-                  "convert": lambda: part_convert(args, work)}[part]
+                  "short": lambda: part_short(args, work, peak), "convert": lambda: part_convert(args, work)}[part]
             result[part] = attempt(part, fn)
             result["seconds"][part] = round(time.perf_counter() - t0, 1)
             free(args.device)
@@ -252,16 +299,19 @@ def summary(r: dict) -> None:
     f = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     print(f"\n== megatron backend benchmark on {r['card']} (megatron-core {r.get('megatron_core')}, "
           f"peak {r['peak_tflops']} TFLOPS, {r['dtype']}) ==")
-    for part in ("dense", "moe"):
+    for part in ("dense", "moe", "short"):
         p = r.get(part, {})
         if "error" in p:
             print(f"{part:<7} ERROR {p['error'][:200]}")
             continue
         for label, row in p.items():
             if isinstance(row, dict) and ("median_step_seconds" in row or "error" in row):
-                print(f"{part:<7} {label:<22}", f"ERROR {row['error'][:150]}" if "error" in row else
-                      f"{row['useful_tokens_per_s']:>9.0f} tok/s  MFU {f(row['mfu'], '.1%')}  "
-                      f"mem {f(row.get('peak_memory_gib'), '.1f')} GiB  step-1 loss {row['step1_loss']:.5f}")
+                prof = row.get("profile", {})
+                print(f"{part:<7} {label:<36}", f"ERROR {row['error'][:150]}" if "error" in row else
+                      f"{row['useful_tokens_per_s']:>9.0f} tok/s  step {row['median_step_seconds']:.3f} s  "
+                      f"MFU {f(row['mfu'], '.1%')}  mem {f(row.get('peak_memory_gib'), '.1f')} GiB  "
+                      f"step-1 loss {row['step1_loss']:.5f}" +
+                      (f"  GPU idle {prof['gpu_idle_frac']:.0%}" if "gpu_idle_frac" in prof else ""))
                 for k, v in row.items():
                     if k.startswith("two_forwards"):
                         print(f"{part:<7} {k:<32} max |diff| {v['max_abs_diff']:.2e}  bitwise equal {v['bitwise_equal']}")

@@ -1,5 +1,5 @@
 """The megatron backend's parts that stand alone: layout arithmetic against megatron's own rank
-generator, the CPU shims, the one patch (and that it still fits megatron-core's code), layout errors."""
+generator, the CPU shims, the patches (and that they still fit megatron-core's code), layout errors."""
 from __future__ import annotations
 
 import hashlib
@@ -230,6 +230,67 @@ def test_the_patch_hands_megatron_float32_tokens(monkeypatch):
         token_dispatcher.unpermute(permuted, index, restore_shape=torch.Size([64, permuted.shape[1]]))
     patches.set_unpermute_dtype(torch.float32)
     assert dtypes == [torch.float32, torch.bfloat16]
+
+
+# ---- the packed-RoPE patch --------------------------------------------------------------------------
+ROPE_THD_DIGEST = "99798acffbb2e50c"  # megatron-core 0.19.2: rope_utils._apply_rotary_pos_emb_thd
+
+
+def test_rope_patch_is_written_for_this_rope_code():
+    """Fails when megatron-core's THD rotary embedding changes: review patch 3 in patches.py."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    patches.install_rope_patch()
+    patches.install_rope_patch()   # idempotent
+    original = rope_utils._apply_rotary_pos_emb_thd.__wrapped__
+    assert not hasattr(original, "__wrapped__")
+    assert hashlib.sha256(inspect.getsource(original).encode()).hexdigest()[:16] == ROPE_THD_DIGEST
+    # the attention layers reach it through apply_rotary_pos_emb, by its module-level name
+    assert "_apply_rotary_pos_emb_thd(" in inspect.getsource(rope_utils.apply_rotary_pos_emb)
+
+
+class _OneRank:
+    """A context-parallel group of one, as the THD rotary embedding asks it (size and rank)."""
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+    @staticmethod
+    def rank() -> int:
+        return 0
+
+
+@pytest.mark.parametrize("interleaved,percent,lens", [(False, 1.0, [5, 1, 17, 3, 9]), (True, 1.0, [2, 30]),
+                                                      (False, 0.5, [7, 7, 7]), (False, 1.0, [12])])
+def test_rope_in_one_pass_equals_megatrons_loop_bit_for_bit(interleaved, percent, lens):
+    """Values and gradients of the patched THD rotary embedding equal megatron's per-sequence loop exactly:
+    positions restart in every sequence (freqs as long as the longest), or follow the row (one sequence, or
+    freqs given per token)."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    cpu_shims.install()   # RotaryEmbedding moves its inverse frequencies to torch.cuda.current_device()
+    patches.install_rope_patch()
+    patched = rope_utils._apply_rotary_pos_emb_thd
+    g = torch.Generator().manual_seed(len(lens))
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=percent, rotary_interleaved=interleaved, rotary_base=1000,
+                           use_cpu_initialization=True)
+    for freqs in (rope(max(lens)), rope(sum(lens))):
+        out = {}
+        for name, fn in (("loop", patched.__wrapped__), ("one pass", patched)):
+            t = torch.randn(sum(lens), 3, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            y = fn(t, cu, freqs, rotary_interleaved=interleaved, cp_group=_OneRank())
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+            out[name] = (y.detach(), t.grad)
+        assert torch.equal(out["one pass"][0], out["loop"][0])
+        assert torch.equal(out["one pass"][1], out["loop"][1])
+    # and it is RoPE: the second sequence's first token is not rotated (position 0), whatever precedes it
+    if len(lens) > 1 and percent == 1.0:
+        t = torch.randn(sum(lens), 3, 16, generator=g)
+        y = patched(t, cu, rope(max(lens)), rotary_interleaved=interleaved, cp_group=_OneRank())
+        assert torch.equal(y[lens[0]], t[lens[0]]) and not torch.equal(y[1], t[1])
 
 
 def test_weight_gathers_stay_under_the_bucket_budget():

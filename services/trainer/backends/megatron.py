@@ -127,6 +127,7 @@ class MegatronBackend(TrainerBackend):
         init_parallel(self.layout, cfg.runtime_args.seed)
         patches.set_unpermute_dtype(torch.float32 if t.moe_unpermute_dtype == "fp32" else None)
         patches.install_router_patch()
+        patches.install_rope_patch()
         self.coords = self.layout.coords(dist.get_rank())
         self._expert_group = None
         if self.dims.experts and self.layout.ep * self.layout.etp > 1:
