@@ -1,5 +1,6 @@
 """GRPO end to end with models.policy.engine=vllm: real coordinator, trainer and a vLLM rollout
-service as processes; then bad input against that service."""
+service as processes; then bad input against that service; then the same run with the Megatron-core
+trainer, whose weights reach vLLM through the same sync."""
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 
 from rlgrid.v1 import common_pb2 as pb
 from rlgrid.v1 import coordinator_pb2 as cpb
-from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc
+from rlgrid.v1 import coordinator_pb2_grpc, rollout_pb2_grpc, trainer_pb2_grpc
 from rlgrid.v1 import rollout_pb2 as rpb
 from services.common.config import config_to_yaml, load_config
 from services.common.tensors import ids_to_wire
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 def deployment(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm-e2e")
     cluster = LocalCluster(str(d / "logs"), roots=[str(d)], worker_secret=TEST_WORKER_SECRET)
-    coord, _, (rollout,) = cluster.deploy(str(d / "state"), rollout_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    coord, trainer, (rollout,) = cluster.deploy(str(d / "state"), rollout_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     model = build_tiny_model(str(d / "model"), toy_vocabulary(), hidden=128, heads=2, kv_heads=1, head_dim=64,
                              intermediate=256, seed=0)   # vLLM loads weights, so the directory has them
     data = make_toy_dataset(str(d / "toy.jsonl"), n=64)
@@ -33,14 +34,19 @@ def deployment(tmp_path_factory):
     overrides = [f"runtime_args.data_path={data}", f"models.policy.load={model}", f"runtime_args.output_dir={d}/out",
                  "models.policy.engine=vllm", "runtime_args.num_episode=2", "runtime_args.sample_per_episode=32",
                  "runtime_args.train_global_batch_size=16"]
-    yield {"cluster": cluster, "coord": coord, "rollout": rollout, "yaml": yaml, "overrides": overrides,
-           "model": model}
+    yield {"cluster": cluster, "coord": coord, "trainer": trainer, "rollout": rollout, "yaml": yaml,
+           "overrides": overrides, "model": model}
     cluster.stop_all()
 
 
 def test_grpo_steps_with_vllm_engine(deployment):
+    _grpo_steps_into_vllm(deployment, [])
+
+
+def _grpo_steps_into_vllm(deployment, overrides):
     coord = coordinator_pb2_grpc.CoordinatorServiceStub(deployment["cluster"].channel(deployment["coord"]))
-    run = coord.StartRun(cpb.StartRunRequest(config_yaml=deployment["yaml"], overrides=deployment["overrides"]))
+    run = coord.StartRun(cpb.StartRunRequest(config_yaml=deployment["yaml"],
+                                             overrides=deployment["overrides"] + overrides))
     events = list(coord.WatchRun(cpb.WatchRunRequest(run_id=run.run_id), timeout=600))
     info = coord.GetRun(cpb.RunRef(run_id=run.run_id))
     assert info.state == cpb.FINISHED, info.error
@@ -83,3 +89,11 @@ def test_bad_input_to_the_vllm_service(deployment):
     expect_rpc_error(lambda: coord.StartRun(cpb.StartRunRequest(
         config_yaml=deployment["yaml"], overrides=deployment["overrides"] + ["models.policy.top_p=0.9"])),
         grpc.StatusCode.INVALID_ARGUMENT, "models.policy.top_p", "engine=vllm")
+
+
+def test_grpo_steps_with_a_megatron_trainer_into_vllm(deployment):
+    """backend=megatron: its weights, renamed to HF's, load into vLLM's model and the agreement check
+    passes after every sync, as with FSDP."""
+    _grpo_steps_into_vllm(deployment, ["models.policy_trainer.backend=megatron"])
+    trainer = trainer_pb2_grpc.TrainerServiceStub(deployment["cluster"].channel(deployment["trainer"]))
+    assert trainer.GetInfo(pb.Empty()).backend == "megatron"
