@@ -6,6 +6,7 @@ conversion runs on the host)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import threading
@@ -37,12 +38,25 @@ class _PeakAnon(threading.Thread):
             self.peak = max(self.peak, _status("RssAnon"))
 
 
+def _keep_tensors_in_their_own_mappings() -> None:
+    """glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB on 64-bit), so
+    after the first tensors are freed, tensors of that size come from the heap, whose freed space the
+    process keeps: a conversion that holds one tensor at a time would still grow by a good part of the
+    model. A fixed threshold (M_MMAP_THRESHOLD) keeps each tensor in a mapping of its own, returned
+    when freed. Elsewhere than glibc this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     parser.add_argument("src", help="source directory")
     parser.add_argument("dst", help="destination directory (created)")
     args = parser.parse_args()
+    _keep_tensors_in_their_own_mappings()
     before, anon_before = _status(), _status("RssAnon")
     sampler = _PeakAnon()
     sampler.start()
