@@ -94,8 +94,15 @@ def position_ids_for(seq_lens: Sequence[int]) -> torch.Tensor:
     ``[3, 2] -> [0, 1, 2, 0, 1]``.
     """
     lens = _lengths_tensor(seq_lens)
-    starts = torch.cumsum(lens, 0) - lens
-    return torch.arange(int(lens.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, lens)
+    return positions_from_cu_seqlens(cu_seqlens_for(lens.tolist()), int(lens.sum()))
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The same positions from a row's boundaries (``cu_seqlens_for``), on their device and without
+    reading them back to the host: `total` is ``cu_seqlens[-1]``, which the caller knows."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return torch.arange(total, device=cu.device) - starts
 
 
 def cu_seqlens_for(seq_lens: Sequence[int]) -> torch.Tensor:

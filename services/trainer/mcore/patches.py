@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import torch
 
+from services.common.packing import positions_from_cu_seqlens
+
 VERSION = "0.19.2"
 _accumulate: torch.dtype | None = None
 _installed = False
@@ -80,9 +82,7 @@ def _rope_thd_in_one_pass(original):
                             multi_latent_attention)
         n = t.size(0)
         if freqs.size(0) != n:   # positions restart at 0 in every sequence (else freqs are per token already)
-            lens = cu_seqlens[1:] - cu_seqlens[:-1]
-            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=n)
-            freqs = freqs[torch.arange(n, device=freqs.device) - starts.to(freqs.device)]
+            freqs = freqs[positions_from_cu_seqlens(cu_seqlens.to(freqs.device), n)]
         return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs, rotary_interleaved=rotary_interleaved,
                                                      mla_rotary_interleaved=mla_rotary_interleaved,
                                                      mscale=mscale).squeeze(1)
